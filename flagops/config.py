@@ -1,0 +1,1014 @@
+"""Load, resolve and validate an inventory plus its release (no host is contacted).
+
+The inventory is a plain Ansible YAML inventory. This module reads it the way Ansible
+does for flagops' shape (all.vars < group vars, parents before children < host vars),
+merges ``flagops_release_overrides`` over the catalog release, checks both against
+``schemas/*.json`` and then the cross-field rules that a schema cannot express. Every
+problem is collected and raised at once in a single :class:`ConfigError`, each one
+pointing at ``file:line:col`` of the value that caused it.
+
+Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`list_releases`,
+:func:`catalog_dirs`, :func:`schema_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flagops.errors import ConfigError, Location, Problem, join_pointer
+
+PKG_DIR = Path(__file__).resolve().parent
+
+# Values FlagScale pastes unquoted into `export K=V`, `ssh ... "docker exec c bash -c '...'"`
+# and hostfile lines. Anything outside these sets could break out of the command.
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%-]*$")
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+NIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}$")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+SHELL_META = set(";|&$`()<>'\"\\\n\r\t*?[]{}!#~ ")
+TEMPLATE_RE = re.compile(r"\{\{|\{%")
+CREDENTIAL_TEMPLATE_RE = re.compile(
+    r"^\s*\{\{\s*lookup\(\s*['\"](env|ansible\.builtin\.env)['\"]\s*,\s*['\"][A-Za-z_][A-Za-z0-9_]*['\"]\s*\)"
+    r"\s*(\|\s*default\([^{}]*\)\s*)?\}\}\s*$"
+)
+
+# before_start / after_stop are pasted into `bash -c '...'` on every node and joined with
+# `&&`, so only these command shapes are accepted, each with shell-safe arguments.
+_ARG = r"[A-Za-z0-9_.,:/+=@%-]+"
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_ABS = r"/[A-Za-z0-9._/+-]*"
+CMD_FORMS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"^(source|\.) {_ABS}/activate( {_NAME})?$"), "source /abs/path/bin/activate [env]"),
+    (re.compile(rf"^conda activate {_NAME}$"), "conda activate <env>"),
+    (re.compile(rf"^export [A-Za-z_][A-Za-z0-9_]*={_ARG}$"), "export NAME=value"),
+    (re.compile(rf"^cd {_ABS}$"), "cd /abs/path"),
+]
+
+# Cluster-wide variables: one value for all hosts (set them in all.vars).
+CLUSTER_KEYS = (
+    "flagops_release",
+    "flagops_share_root",
+    "flagops_container_name",
+    "flagops_slot_type",
+    "flagops_release_overrides",
+    "flagops_registry_username",
+    "flagops_registry_password",
+    "flagops_hub_token",
+)
+# Secrets must come from a lookup or vault; inline values are rejected and never echoed.
+SECRET_KEYS = frozenset(
+    {"flagops_registry_password", "flagops_hub_token", "ansible_password", "ansible_become_password"}
+)
+# Fields that may hold a `{{ lookup(...) }}` (secrets, plus the registry user name).
+TEMPLATABLE_KEYS = SECRET_KEYS | {"flagops_registry_username"}
+MASTER_GROUP = "master"
+WORKER_GROUP = "workers"
+
+
+# --------------------------------------------------------------------------- locations
+
+
+class Vault(str):
+    """An Ansible ``!vault`` value: ciphertext that is passed through and never shown."""
+
+
+@dataclass
+class Doc:
+    """A YAML document with the origin of every value and mapping key.
+
+    ``values``/``keys`` map a JSON pointer *in data* to where it came from, which for a
+    merged release may be another file (the inventory that overrode it).
+    """
+
+    file: str
+    data: Any
+    values: dict[str, Location] = field(default_factory=dict)
+    keys: dict[str, Location] = field(default_factory=dict)
+
+    def where(self, pointer: str, *, key: bool = False) -> Location:
+        if key and pointer in self.keys:
+            return self.keys[pointer]
+        p = pointer
+        while True:
+            if p in self.values:
+                loc = self.values[p]
+                return Location(loc.file, loc.line, loc.col, loc.pointer + pointer[len(p) :])
+            if not p:
+                return Location(self.file, 1, 1, pointer)
+            p = p.rsplit("/", 1)[0]
+
+
+def _problem(loc: Location, found: str, expected: str, fix: str) -> Problem:
+    return Problem(loc, found, expected, fix)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short, single-line rendering of a found value (newlines stay visible as \\n)."""
+    if isinstance(value, Vault):
+        return "a !vault value"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, dict):
+        text = "a mapping"
+    elif isinstance(value, list):
+        text = "a list"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        Vault: "string",
+        list: "list",
+        dict: "mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+class _LocLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Composes nodes (with marks); scalars are built by the safe constructor."""
+
+
+def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if node.tag == "!vault":
+        return Vault(node.value)
+    if node.tag == "!unsafe":
+        return str(node.value)
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml(path: Path, display: str | None = None) -> tuple[Doc, list[Problem]]:
+    """Parse a YAML file keeping line:col of every node. Returns the doc and problems."""
+    name = display or str(path)
+    doc = Doc(name, None)
+    problems: list[Problem] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(
+            _problem(Location(name, 1, 1, ""), f"unreadable file ({exc.strerror})",
+                     "a readable YAML file", "check the path")
+        )
+        return doc, problems
+    loader = _LocLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problems.append(
+            _problem(Location(name, line, col, ""), f"invalid YAML ({exc.problem})",
+                     "well-formed YAML", "fix the syntax at this position")
+        )
+        return doc, problems
+    except yaml.YAMLError as exc:
+        problems.append(_problem(Location(name, 1, 1, ""), f"invalid YAML ({exc})",
+                                 "well-formed YAML", "fix the syntax"))
+        return doc, problems
+    try:
+        if node is not None:
+            doc.data = _build(loader, node, "", doc, problems)
+    finally:
+        loader.dispose()
+    return doc, problems
+
+
+def _mark(doc: Doc, node: yaml.Node, pointer: str) -> Location:
+    return Location(doc.file, node.start_mark.line + 1, node.start_mark.column + 1, pointer)
+
+
+def _build(loader: Any, node: yaml.Node, pointer: str, doc: Doc, problems: list[Problem]) -> Any:
+    doc.values[pointer] = _mark(doc, node, pointer)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                problems.append(
+                    _problem(_mark(doc, knode, pointer), "a YAML merge key '<<'",
+                             "plain mappings", "write the keys out explicitly")
+                )
+                continue
+            raw_key = _scalar(loader, knode) if isinstance(knode, yaml.ScalarNode) else None
+            key = raw_key if isinstance(raw_key, str) else str(raw_key)
+            kp = join_pointer(pointer, key)
+            if key in out:
+                problems.append(
+                    _problem(_mark(doc, knode, kp), f"duplicate key {_show(key)}",
+                             "each key once per mapping", "remove or rename one of them")
+                )
+            doc.keys[kp] = _mark(doc, knode, kp)
+            out[key] = _build(loader, vnode, kp, doc, problems)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _build(loader, item, join_pointer(pointer, i), doc, problems)
+            for i, item in enumerate(node.value)
+        ]
+    return _scalar(loader, node)
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def schema_dir() -> Path:
+    """schemas/ ships as flagops/schemas in a wheel and sits at the repo root in a checkout."""
+    for cand in (PKG_DIR / "schemas", PKG_DIR.parent / "schemas"):
+        if (cand / "release.schema.json").is_file():
+            return cand
+    raise FileNotFoundError("flagops schemas not found next to the package or the checkout")
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    return json.loads((schema_dir() / f"{name}.schema.json").read_text(encoding="utf-8"))
+
+
+def _known_keys(schema: dict[str, Any]) -> list[str]:
+    return sorted(schema.get("properties", {}))
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _expected_from(schema: dict[str, Any], default: str) -> str:
+    return str(schema.get("description") or default)
+
+
+def _schema_problems(doc: Doc, schema_name: str, secret_keys: frozenset[str]) -> list[Problem]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(load_schema(schema_name))
+    problems: list[Problem] = []
+    for err in validator.iter_errors(doc.data):
+        problems.extend(_describe(err, doc, secret_keys))
+    return problems
+
+
+def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Problem]:
+    pointer = join_pointer("", *err.absolute_path)
+    kind = err.validator
+    schema = err.schema if isinstance(err.schema, dict) else {}
+    value = err.instance
+    last = str(err.absolute_path[-1]) if err.absolute_path else ""
+    shown = "a value (hidden)" if last in secret_keys else _show(value)
+
+    if kind == "additionalProperties" and isinstance(value, dict):
+        known = _known_keys(schema)
+        patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
+        for extra in value:
+            if extra in known or any(p.search(extra) for p in patterns):
+                continue
+            hint = _did_you_mean(extra, known)
+            yield _problem(
+                doc.where(join_pointer(pointer, extra), key=True),
+                f"unknown key {_show(extra)}",
+                "one of " + ", ".join(known) if len(known) <= 12 else f"one of {len(known)} known keys",
+                f"did you mean {_show(hint)}?" if hint else "remove it",
+            )
+    elif kind == "required" and isinstance(value, dict):
+        for key in err.validator_value:
+            if key not in value:
+                sub = schema.get("properties", {}).get(key, {})
+                yield _problem(
+                    doc.where(pointer),
+                    f"no {_show(key)}",
+                    _expected_from(sub, f"a {key!r} key here"),
+                    f"add {key}: ...",
+                )
+    elif kind == "propertyNames":
+        yield _problem(
+            doc.where(join_pointer(pointer, str(value)), key=True),
+            f"key {_show(value)}",
+            _expected_from(err.validator_value, "a valid name"),
+            "rename the key",
+        )
+    elif kind == "type":
+        want = err.validator_value
+        want_s = " or ".join(want) if isinstance(want, list) else str(want)
+        yield _problem(
+            doc.where(pointer),
+            f"{_type_name(value)} {shown}",
+            f"{want_s}" + (f" ({schema['description']})" if schema.get("description") else ""),
+            f"write a {want_s.replace('object', 'mapping').replace('array', 'list')} here",
+        )
+    elif kind in ("enum", "const"):
+        choices = err.validator_value if kind == "enum" else [err.validator_value]
+        hint = _did_you_mean(str(value), [str(c) for c in choices])
+        yield _problem(
+            doc.where(pointer),
+            shown,
+            "one of " + ", ".join(_show(c) for c in choices),
+            f"did you mean {_show(hint)}?" if hint else f"use one of {', '.join(map(str, choices))}",
+        )
+    elif kind == "pattern":
+        yield _problem(
+            doc.where(pointer),
+            shown,
+            _expected_from(schema, f"a string matching {err.validator_value}"),
+            "change the value to the expected form",
+        )
+    elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
+        yield _problem(
+            doc.where(pointer),
+            shown,
+            f"a number {op} {err.validator_value}"
+            + (f" ({schema['description']})" if schema.get("description") else ""),
+            "change the value into range",
+        )
+    elif kind == "not":
+        yield _problem(
+            doc.where(pointer),
+            "keys that do not go together (" + ", ".join(sorted(value)) + ")"
+            if isinstance(value, dict) else shown,
+            "source type modelscope with id[/revision], or http with url",
+            "remove the keys of the other source type",
+        )
+    else:
+        yield _problem(doc.where(pointer), shown, err.message, "see schemas/" + "*.schema.json")
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def catalog_dirs() -> list[Path]:
+    """Release directories: ``$FLAGOPS_CATALOG`` (os.pathsep list) first, then built-ins."""
+    extra = [
+        Path(p).expanduser() for p in os.environ.get("FLAGOPS_CATALOG", "").split(os.pathsep) if p
+    ]
+    return [*extra, PKG_DIR / "releases"]
+
+
+def list_releases() -> dict[str, Path]:
+    """Catalog name -> file. An entry in an earlier directory shadows a later one."""
+    found: dict[str, Path] = {}
+    for directory in catalog_dirs():
+        if not directory.is_dir():
+            continue
+        for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+            found.setdefault(path.stem, path)
+    return found
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    role: str  # "master" | "worker"
+    slots: int
+    port: int
+    user: str | None
+    nic: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated, resolved inventory + release. Hosts are master first."""
+
+    inventory_file: Path
+    release_name: str
+    release_file: Path
+    release: dict[str, Any]
+    hosts: tuple[Host, ...]
+    share_root: str
+    container_name: str
+    slot_type: str
+
+    @property
+    def master(self) -> Host:
+        return self.hosts[0]
+
+    @property
+    def workers(self) -> tuple[Host, ...]:
+        return self.hosts[1:]
+
+    @property
+    def ssh_port(self) -> int:
+        """FlagScale's single ``runner.ssh_port``: the workers' sshd (validated equal)."""
+        return self.workers[0].port if self.workers else self.master.port
+
+    @property
+    def total_slots(self) -> int:
+        return sum(h.slots for h in self.hosts)
+
+    def engine_args(self) -> dict[str, Any]:
+        """The args vLLM receives: engine_args laid over engine_args_specific.vllm."""
+        return effective_engine_args(self.release)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inventory_file": str(self.inventory_file),
+            "release_name": self.release_name,
+            "release_file": str(self.release_file),
+            "share_root": self.share_root,
+            "container_name": self.container_name,
+            "slot_type": self.slot_type,
+            "ssh_port": self.ssh_port,
+            "hosts": [h.__dict__ for h in self.hosts],
+            "release": self.release,
+        }
+
+
+def effective_engine_args(release: dict[str, Any]) -> dict[str, Any]:
+    serve = release.get("serve") or {}
+    merged = dict(((serve.get("engine_args_specific") or {}).get("vllm")) or {})
+    merged.update(serve.get("engine_args") or {})
+    return merged
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+@dataclass
+class _Group:
+    name: str
+    pointer: str
+    depth: int
+    vars: dict[str, Any]
+    hosts: dict[str, str]  # host -> pointer of its entry in this group
+    parents: set[str]
+
+
+def _groups(data: dict[str, Any]) -> dict[str, _Group]:
+    groups: dict[str, _Group] = {}
+
+    def visit(name: str, body: Any, pointer: str, depth: int, parent: str | None) -> None:
+        body = body if isinstance(body, dict) else {}
+        g = groups.get(name)
+        if g is None:
+            g = groups[name] = _Group(name, pointer, depth, {}, {}, set())
+        g.depth = max(g.depth, depth)
+        if parent:
+            g.parents.add(parent)
+        gvars = body.get("vars")
+        if isinstance(gvars, dict):
+            g.vars.update({k: (v, join_pointer(pointer, "vars", k)) for k, v in gvars.items()})
+        hosts = body.get("hosts")
+        if isinstance(hosts, dict):
+            for h in hosts:
+                g.hosts.setdefault(h, join_pointer(pointer, "hosts", h))
+        children = body.get("children")
+        if isinstance(children, dict):
+            for cname, cbody in children.items():
+                visit(cname, cbody, join_pointer(pointer, "children", cname), depth + 1, name)
+
+    visit("all", data.get("all"), "/all", 0, None)
+    return groups
+
+
+def _ancestors(groups: dict[str, _Group], name: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        g = stack.pop()
+        if g in seen or g not in groups:
+            continue
+        seen.add(g)
+        stack.extend(groups[g].parents)
+    return seen
+
+
+def _host_vars(data: dict[str, Any], groups: dict[str, _Group], host: str) -> dict[str, tuple[Any, str]]:
+    """Ansible's precedence for inline inventories: all < groups by depth/name < host."""
+    member_of = {"all"}
+    for g in groups.values():
+        if host in g.hosts:
+            member_of |= _ancestors(groups, g.name)
+    merged: dict[str, tuple[Any, str]] = {}
+    for g in sorted((groups[n] for n in member_of), key=lambda g: (g.depth, g.name)):
+        merged.update(g.vars)
+    for g in sorted(groups.values(), key=lambda g: (g.depth, g.name)):
+        if host in g.hosts:
+            entry = _get(data, g.hosts[host])
+            if isinstance(entry, dict):
+                merged.update({k: (v, join_pointer(g.hosts[host], k)) for k, v in entry.items()})
+    return merged
+
+
+def _get(data: Any, pointer: str) -> Any:
+    cur = data
+    for tok in pointer.split("/")[1:]:
+        tok = tok.replace("~1", "/").replace("~0", "~")
+        if isinstance(cur, dict):
+            cur = cur.get(tok)
+        elif isinstance(cur, list) and tok.isdigit() and int(tok) < len(cur):
+            cur = cur[int(tok)]
+        else:
+            return None
+    return cur
+
+
+def _walk_strings(value: Any, pointer: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_strings(v, join_pointer(pointer, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk_strings(v, join_pointer(pointer, i))
+    elif isinstance(value, str):
+        yield pointer, value
+
+
+def _unsafe_chars(value: str) -> str:
+    bad = sorted({c for c in value if c in SHELL_META or ord(c) < 32})
+    return "".join(bad).encode("unicode_escape").decode()
+
+
+def _check_templates(doc: Doc, problems: list[Problem], *, secrets_allowed: bool) -> None:
+    """Only credential fields may be Jinja templates; elsewhere a template would reach
+    FlagScale's files unrendered or be rendered by Ansible from untrusted input."""
+    for pointer, value in _walk_strings(doc.data, ""):
+        last = pointer.rsplit("/", 1)[-1]
+        if secrets_allowed and last in TEMPLATABLE_KEYS:
+            continue
+        if TEMPLATE_RE.search(value):
+            problems.append(
+                _problem(doc.where(pointer), f"a template {_show(value)}",
+                         "a literal value (templates are allowed only in credential fields: "
+                         + ", ".join(sorted(TEMPLATABLE_KEYS)) + ")",
+                         "write the literal value")
+            )
+
+
+def _check_credentials(hvars: dict[str, tuple[Any, str]], doc: Doc, problems: list[Problem],
+                       seen: set[str]) -> None:
+    for key in SECRET_KEYS:
+        if key not in hvars:
+            continue
+        value, pointer = hvars[key]
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        if isinstance(value, Vault) or not isinstance(value, str) or value == "":
+            continue
+        if not CREDENTIAL_TEMPLATE_RE.match(value):
+            env = "FLAGOPS_REGISTRY_PASSWORD" if "registry" in key else (
+                "MODELSCOPE_API_TOKEN" if "hub" in key else key.upper())
+            found = (f"a template that is not an env lookup {_show(value)}" if TEMPLATE_RE.search(value)
+                     else f"an inline secret ({len(value)} characters, not shown)")
+            problems.append(
+                _problem(doc.where(pointer), found,
+                         "{{ lookup('env', 'NAME') }} or a !vault value",
+                         f"""write {key}: "{{{{ lookup('env', '{env}') }}}}" and export {env}""")
+            )
+
+
+def _check_address(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if HOSTNAME_RE.match(value):
+        return None
+    unsafe = _unsafe_chars(value)
+    return f"unsafe characters {unsafe!r}" if unsafe else "not an IP address or DNS name"
+
+
+def _check_abs_path(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "a relative path"
+    if any(part == ".." for part in value.split("/")):
+        return "a path with '..'"
+    if not SAFE_PATH_RE.match(value):
+        return f"unsafe characters {_unsafe_chars(value) or 'outside [A-Za-z0-9._/+-]'!r}"
+    if value.rstrip("/") == "":
+        return "the filesystem root"
+    return None
+
+
+@dataclass
+class _Inventory:
+    doc: Doc
+    hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]]  # (name, role, vars)
+    cluster: dict[str, tuple[Any, str]]
+
+
+def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
+    data = doc.data
+    if not isinstance(data, dict) or not isinstance(data.get("all"), dict):
+        return None
+    groups = _groups(data)
+    master = groups.get(MASTER_GROUP)
+    workers = groups.get(WORKER_GROUP)
+    children_ptr = "/all/children"
+
+    if master is None or not master.hosts:
+        problems.append(
+            _problem(doc.where(master.pointer if master else children_ptr,
+                               key=master is not None),
+                     "no host in group 'master'" if master else "no group 'master'",
+                     "exactly one host in all.children.master.hosts (the Ray head)",
+                     "add master: {hosts: {node1: {ansible_host: ...}}} under all.children")
+        )
+    elif len(master.hosts) > 1:
+        names = ", ".join(master.hosts)
+        for extra in list(master.hosts)[1:]:
+            problems.append(
+                _problem(doc.where(master.hosts[extra], key=True),
+                         f"{len(master.hosts)} master hosts ({names})",
+                         "exactly one master host (FlagScale starts the Ray head on the first hostfile line)",
+                         f"move {extra} to the workers group")
+            )
+
+    hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]] = []
+    if master:
+        for name in master.hosts:
+            hosts.append((name, "master", _host_vars(data, groups, name)))
+    if workers:
+        for name, ptr in workers.hosts.items():
+            if master and name in master.hosts:
+                problems.append(
+                    _problem(doc.where(ptr, key=True), f"host {_show(name)} in both master and workers",
+                             "each host in exactly one of master, workers",
+                             f"remove {name} from one of the groups")
+                )
+                continue
+            hosts.append((name, "worker", _host_vars(data, groups, name)))
+    if not hosts:
+        return _Inventory(doc, [], {})
+
+    # Cluster-wide variables come from the master; a host that disagrees is an error
+    # because FlagScale has one container name / release / share for all nodes.
+    ref_name, _, ref_vars = hosts[0]
+    cluster = {k: ref_vars[k] for k in CLUSTER_KEYS if k in ref_vars}
+    for name, _, hv in hosts[1:]:
+        for key in CLUSTER_KEYS:
+            a, b = ref_vars.get(key), hv.get(key)
+            if (a[0] if a else None) != (b[0] if b else None):
+                loc = doc.where(b[1] if b else a[1] if a else "/all/vars")
+                problems.append(
+                    _problem(loc,
+                             f"{key}={_show(b[0] if b else None)} on {name} but "
+                             f"{_show(a[0] if a else None)} on {ref_name}",
+                             "one cluster-wide value", f"set {key} once in all.vars")
+                )
+
+    secrets_seen: set[str] = set()
+    addresses: dict[str, str] = {}
+    for name, role, hv in hosts:
+        host_loc = doc.where(
+            (master.hosts.get(name) if master and role == "master" else None)
+            or (workers.hosts.get(name) if workers else "") or "/all",
+            key=True,
+        )
+        for key, what in (("ansible_host", "the host's address"), ("flagops_slots", "its GPU slots")):
+            if key not in hv:
+                problems.append(
+                    _problem(host_loc, f"host {_show(name)} without {key}", f"{key} ({what})",
+                             f"add {key}: ... under {name} or in a group's vars")
+                )
+        if "ansible_host" in hv:
+            addr, ptr = hv["ansible_host"]
+            why = _check_address(addr)
+            if why and not TEMPLATE_RE.search(str(addr)):
+                problems.append(
+                    _problem(doc.where(ptr), f"{_show(addr)} ({why})",
+                             "an IPv4/IPv6 address or DNS name (it is pasted into ssh and the hostfile)",
+                             "use the node's plain IP address")
+                )
+            elif isinstance(addr, str) and addr in addresses:
+                problems.append(
+                    _problem(doc.where(ptr), f"address {addr} on {name} and {addresses[addr]}",
+                             "a unique address per host (FlagScale rejects duplicate hostfile entries)",
+                             f"give {name} its own address")
+                )
+            elif isinstance(addr, str):
+                addresses[addr] = name
+        if "flagops_nic" in hv:
+            nic, ptr = hv["flagops_nic"]
+            if isinstance(nic, str) and not NIC_RE.match(nic):
+                unsafe = _unsafe_chars(nic)
+                problems.append(
+                    _problem(doc.where(ptr), _show(nic) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                             "an interface name of up to 15 letters, digits, _ . : -",
+                             "use the name `ip -br link` shows, e.g. bond0")
+                )
+        _check_credentials(hv, doc, problems, secrets_seen)
+
+    worker_ports = {hv["ansible_port"][0] for _, role, hv in hosts
+                    if role == "worker" and "ansible_port" in hv}
+    if len(worker_ports) > 1:
+        for name, role, hv in hosts:
+            if role == "worker" and "ansible_port" in hv:
+                problems.append(
+                    _problem(doc.where(hv["ansible_port"][1]),
+                             f"ansible_port {hv['ansible_port'][0]} on {name} among worker ports "
+                             + ", ".join(map(str, sorted(worker_ports))),
+                             "one ssh port for all workers (FlagScale has a single runner.ssh_port)",
+                             "run every worker's sshd on the same port")
+                )
+
+    required = ("flagops_share_root", "flagops_container_name")
+    for key in required:
+        if key not in cluster:
+            problems.append(
+                _problem(doc.where("/all/vars" if "vars" in data["all"] else "/all", key=True),
+                         f"no {key}", f"{key} in all.vars", f"add {key}: ... to all.vars")
+            )
+    if "flagops_share_root" in cluster:
+        value, ptr = cluster["flagops_share_root"]
+        why = _check_abs_path(value) if isinstance(value, str) else None
+        if why:
+            problems.append(
+                _problem(doc.where(ptr), f"{_show(value)} ({why})",
+                         "an absolute path of letters, digits, . _ / + - without '..'",
+                         "use the mount point of the shared storage, e.g. /share")
+            )
+    if "flagops_container_name" in cluster:
+        value, ptr = cluster["flagops_container_name"]
+        if isinstance(value, str) and not CONTAINER_NAME_RE.match(value):
+            unsafe = _unsafe_chars(value)
+            problems.append(
+                _problem(doc.where(ptr), _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                         "a docker container name [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+                         "use a plain name such as flagos")
+            )
+    return _Inventory(doc, hosts, cluster)
+
+
+# --------------------------------------------------------------------------- release
+
+
+def _drop_subtree(doc: Doc, pointer: str) -> None:
+    for table in (doc.values, doc.keys):
+        for p in [p for p in table if p == pointer or p.startswith(pointer + "/")]:
+            del table[p]
+
+
+def _graft(doc: Doc, pointer: str, src: Doc, src_pointer: str) -> None:
+    for table, src_table in ((doc.values, src.values), (doc.keys, src.keys)):
+        for p, loc in src_table.items():
+            if p == src_pointer or p.startswith(src_pointer + "/"):
+                table[pointer + p[len(src_pointer):]] = loc
+
+
+def merge_overrides(base: Doc, overrides: Any, inv: Doc, over_ptr: str) -> None:
+    """Deep-merge ``overrides`` (found at ``over_ptr`` in ``inv``) into ``base`` in place.
+
+    Mappings merge key by key, anything else replaces, and null deletes the key. The
+    origin maps follow so errors in overridden values point into the inventory.
+    """
+
+    def merge(target: dict[str, Any], tptr: str, over: dict[str, Any], optr: str) -> None:
+        for key, value in over.items():
+            rp, op = join_pointer(tptr, key), join_pointer(optr, key)
+            if value is None:
+                target.pop(key, None)
+                _drop_subtree(base, rp)
+            elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                merge(target[key], rp, value, op)
+            else:
+                target[key] = copy.deepcopy(value)
+                _drop_subtree(base, rp)
+                _graft(base, rp, inv, op)
+
+    if isinstance(overrides, dict) and isinstance(base.data, dict):
+        merge(base.data, "", overrides, over_ptr)
+
+
+def _check_command(value: str) -> str | None:
+    parts = [p.strip() for p in value.split("&&")]
+    for part in parts:
+        if not any(rx.match(part) for rx, _ in CMD_FORMS):
+            unsafe = _unsafe_chars(part.replace(" ", ""))
+            return f"{_show(part)}" + (f" (unsafe characters {unsafe!r})" if unsafe else " (not an allowed command)")
+    return None
+
+
+def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem]) -> None:
+    rel = doc.data
+    if not isinstance(rel, dict):
+        return
+    _check_templates(doc, problems, secrets_allowed=False)
+    model = rel.get("model") if isinstance(rel.get("model"), dict) else {}
+    serve = rel.get("serve") if isinstance(rel.get("serve"), dict) else {}
+    engine_args = serve.get("engine_args") if isinstance(serve.get("engine_args"), dict) else {}
+    specific = (serve.get("engine_args_specific") or {})
+    specific_vllm = specific.get("vllm") if isinstance(specific, dict) and isinstance(specific.get("vllm"), dict) else {}
+
+    name = model.get("name")
+    if isinstance(name, str) and "model" in engine_args:
+        want = f"/models/{name}"
+        if engine_args["model"] != want:
+            problems.append(
+                _problem(doc.where("/serve/engine_args/model"), _show(engine_args["model"]),
+                         f"{_show(want)} (the container mounts <share>/models at /models)",
+                         f"set serve.engine_args.model: {want}")
+            )
+
+    for base, args in (("/serve/engine_args", engine_args),
+                       ("/serve/engine_args_specific/vllm", specific_vllm)):
+        for key, value in args.items():
+            if value is False:
+                problems.append(
+                    _problem(doc.where(join_pointer(base, key)), f"{key}: false",
+                             "true, or no key (FlagScale's flatten_dict_to_args drops false values, "
+                             "so vLLM would use its default)",
+                             f"delete {key}, or write no_{key}: true to pass --no-{key.replace('_', '-')}")
+                )
+
+    runner = rel.get("runner") if isinstance(rel.get("runner"), dict) else {}
+    for key in ("before_start", "after_stop"):
+        value = runner.get(key)
+        if isinstance(value, str):
+            bad = _check_command(value)
+            if bad:
+                problems.append(
+                    _problem(doc.where(f"/runner/{key}"), bad,
+                             "commands joined by ' && ', each one of: " + "; ".join(f for _, f in CMD_FORMS),
+                             "use e.g. `source /root/miniconda3/bin/activate flagscale-inference`")
+                )
+    envs = runner.get("envs") if isinstance(runner.get("envs"), dict) else {}
+    for key, value in envs.items():
+        if isinstance(value, str) and not ENV_VALUE_RE.match(value):
+            unsafe = _unsafe_chars(value)
+            problems.append(
+                _problem(doc.where(join_pointer("/runner/envs", key)),
+                         _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                         "a value of letters, digits and _ . , : / + = @ % - (FlagScale writes "
+                         "`export K=V` unquoted inside bash -c '...')",
+                         "drop the shell characters; set complex values in the image instead")
+            )
+
+    if inv is None or not inv.hosts:
+        return
+    slots: list[tuple[str, int]] = []
+    for hname, _, hv in inv.hosts:
+        s = hv.get("flagops_slots", (None, ""))[0]
+        if not isinstance(s, int) or isinstance(s, bool):
+            return
+        slots.append((hname, s))
+    args = {**specific_vllm, **engine_args}
+    tp, pp = args.get("tensor_parallel_size", 1), args.get("pipeline_parallel_size", 1)
+    if not (isinstance(tp, int) and isinstance(pp, int)) or isinstance(tp, bool) or isinstance(pp, bool):
+        return
+    tp_ptr = ("/serve/engine_args/tensor_parallel_size" if "tensor_parallel_size" in engine_args
+              else "/serve/engine_args_specific/vllm/tensor_parallel_size")
+    total = sum(s for _, s in slots)
+    if tp * pp != total:
+        detail = " + ".join(f"{n} {s}" for n, s in slots)
+        problems.append(
+            _problem(doc.where(tp_ptr),
+                     f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} "
+                     f"but {total} slots ({detail})",
+                     "tensor_parallel_size x pipeline_parallel_size == the sum of flagops_slots",
+                     "change the parallel sizes or the hosts' flagops_slots")
+        )
+    for hname, s in slots:
+        if tp > s:
+            problems.append(
+                _problem(doc.where(tp_ptr), f"tensor_parallel_size {tp} > {s} slots on {hname}",
+                         "tensor_parallel_size <= the slots of every node (a TP group stays in one node)",
+                         f"lower tensor_parallel_size to {s} or less and raise pipeline_parallel_size")
+            )
+    slot_type = inv.cluster.get("flagops_slot_type", ("gpu", ""))[0]
+    cvd = envs.get("CUDA_VISIBLE_DEVICES")
+    if slot_type == "gpu" and isinstance(cvd, str | int) and not isinstance(cvd, bool):
+        ids = [x for x in str(cvd).split(",") if x.strip()]
+        for hname, s in slots:
+            if len(ids) < s:
+                problems.append(
+                    _problem(doc.where("/runner/envs/CUDA_VISIBLE_DEVICES"),
+                             f"{len(ids)} visible GPUs ({cvd}) but {s} slots on {hname}",
+                             "at least as many CUDA_VISIBLE_DEVICES ids as slots",
+                             "list every GPU id, e.g. 0,1,2,3,4,5,6,7")
+                )
+                break
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load(inventory: str | os.PathLike[str], release: str | None = None) -> Config:
+    """Load and validate ``inventory`` (and ``release``, default its flagops_release).
+
+    Args:
+        inventory: path of the Ansible YAML inventory.
+        release: catalog name overriding the inventory's ``flagops_release``.
+
+    Returns:
+        The resolved :class:`Config` (master first).
+
+    Raises:
+        ConfigError: with every problem found, each with file:line:col.
+    """
+    inv_path = Path(inventory)
+    display = str(inventory)
+    problems: list[Problem] = []
+    inv_doc, parse_problems = load_yaml(inv_path, display)
+    problems += parse_problems
+    if parse_problems:
+        raise ConfigError(problems)
+    if inv_doc.data is None:
+        raise ConfigError([_problem(Location(display, 1, 1, ""), "an empty file",
+                                    "an Ansible YAML inventory with all:", "see inventories/a800.yaml")])
+
+    problems += _schema_problems(inv_doc, "inventory", SECRET_KEYS)
+    _check_templates(inv_doc, problems, secrets_allowed=True)
+    inv = _resolve_inventory(inv_doc, problems)
+
+    rel_doc: Doc | None = None
+    rel_path: Path | None = None
+    release_name: str | None = release
+    if release_name is not None:
+        rel_loc = Location("<command line>", 1, 1, "/--release")
+    elif inv and "flagops_release" in inv.cluster:
+        release_name, ptr = inv.cluster["flagops_release"]
+        rel_loc = inv_doc.where(ptr)
+    else:
+        rel_loc = inv_doc.where("/all/vars", key=True)
+        problems.append(_problem(rel_loc, "no flagops_release", "a release name in all.vars",
+                                 "add flagops_release: ernie45 to all.vars or pass --release"))
+    if isinstance(release_name, str):
+        catalog = list_releases()
+        rel_path = catalog.get(release_name)
+        if rel_path is None:
+            hint = _did_you_mean(release_name, catalog)
+            problems.append(
+                _problem(rel_loc, f"release {_show(release_name)}",
+                         "a catalog release (" + ", ".join(sorted(catalog)) + ")",
+                         (f"did you mean {_show(hint)}?" if hint else "pick one of the catalog")
+                         + " (add catalogs with $FLAGOPS_CATALOG)")
+            )
+        else:
+            rel_doc, rel_parse = load_yaml(rel_path)
+            problems += rel_parse
+            if not rel_parse and isinstance(rel_doc.data, dict):
+                if rel_doc.data.get("name") != rel_path.stem:
+                    problems.append(
+                        _problem(rel_doc.where("/name"), f"name {_show(rel_doc.data.get('name'))}",
+                                 f"name: {rel_path.stem} (the file name)", "make them equal")
+                    )
+                if inv and "flagops_release_overrides" in inv.cluster:
+                    overrides, optr = inv.cluster["flagops_release_overrides"]
+                    merge_overrides(rel_doc, overrides, inv_doc, optr)
+                problems += _schema_problems(rel_doc, "release", frozenset())
+                _release_problems(rel_doc, inv, problems)
+            elif not rel_parse:
+                problems.append(_problem(rel_doc.where(""), f"{_type_name(rel_doc.data)}",
+                                         "a release mapping", "see flagops/releases/ernie45.yaml"))
+
+    if problems:
+        problems = sorted(set(problems), key=lambda p: (p.location.file, p.location.line,
+                                                        p.location.col, p.location.pointer, p.found))
+        raise ConfigError(problems)
+
+    assert inv is not None and rel_doc is not None and rel_path is not None
+    assert isinstance(release_name, str)
+    hosts = tuple(
+        Host(
+            name=name,
+            address=hv["ansible_host"][0],
+            role=role,
+            slots=hv["flagops_slots"][0],
+            port=hv.get("ansible_port", (22, ""))[0],
+            user=hv.get("ansible_user", (None, ""))[0],
+            nic=hv.get("flagops_nic", (None, ""))[0],
+        )
+        for name, role, hv in inv.hosts
+    )
+    return Config(
+        inventory_file=inv_path.resolve(),
+        release_name=release_name,
+        release_file=rel_path,
+        release=rel_doc.data,
+        hosts=hosts,
+        share_root=inv.cluster["flagops_share_root"][0].rstrip("/") or "/",
+        container_name=inv.cluster["flagops_container_name"][0],
+        slot_type=inv.cluster.get("flagops_slot_type", ("gpu", ""))[0],
+    )

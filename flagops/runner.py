@@ -1,0 +1,419 @@
+"""The one Ansible driver: run a playbook through ansible-runner and report progress.
+
+Every playbook run gets its own ansible-runner private data dir under
+``$FLAGOPS_HOME/runs/<timestamp>-<playbook>/`` (the newest ``KEEP_RUNS`` are kept), with
+``ANSIBLE_CONFIG``/roles/collections pointing at this checkout so the CLI works from any
+directory.
+
+Secrets: credentials never travel as extra vars; playbooks read them with
+``lookup('env', ...)`` from the controller's environment. Extra vars are written by us to
+``env/extravars`` (mode 600, passed as ``-e @file``, never in argv) and removed after the
+run. ansible-runner also records the full process environment in
+``artifacts/<ident>/command``; we redact secret-looking variables there as soon as the run
+starts and again at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from flagops import state
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KEEP_RUNS = 10
+SECRET_ENV_RE = re.compile(r"PASS|TOKEN|SECRET|CREDENTIAL|PRIVATE|API_KEY|_KEY$|^AWS_", re.I)
+REDACTED = "**redacted by flagops**"
+
+_HOST_EVENTS = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_skipped": "skipped",
+    "runner_on_unreachable": "unreachable",
+}
+
+
+@dataclass
+class HostRecap:
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: int = 0
+    skipped: int = 0
+    rescued: int = 0
+    ignored: int = 0
+
+
+@dataclass
+class Result:
+    """Outcome of one playbook run."""
+
+    playbook: str
+    rc: int
+    status: str
+    recap: dict[str, HostRecap]
+    private_data_dir: Path
+    elapsed: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and self.status == "successful"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "playbook": self.playbook,
+            "rc": self.rc,
+            "status": self.status,
+            "ok": self.ok,
+            "elapsed": round(self.elapsed, 3),
+            "recap": {h: vars(r) for h, r in self.recap.items()},
+            "failures": self.failures,
+            "private_data_dir": str(self.private_data_dir),
+        }
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass
+class _Task:
+    name: str
+    started: float
+    hosts: dict[str, str] = field(default_factory=dict)  # host -> running|ok|changed|...
+    ended: float | None = None
+
+
+class JsonView:
+    """One compact JSON object per line (no rich, no colour) for machines."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(obj, default=str, sort_keys=True) + "\n")
+        self.stream.flush()
+
+    def start(self) -> None:  # noqa: D102 - views share one interface
+        pass
+
+    def event(self, ev: dict[str, Any]) -> None:
+        data = ev.get("event_data") or {}
+        rec: dict[str, Any] = {
+            "event": ev.get("event"),
+            "counter": ev.get("counter"),
+            "created": ev.get("created"),
+        }
+        for key in ("play", "task", "host", "task_action", "task_uuid"):
+            if data.get(key) is not None:
+                rec[key] = data[key]
+        res = data.get("res")
+        if isinstance(res, dict):
+            rec["changed"] = bool(res.get("changed"))
+            if ev.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+                rec["msg"] = _failure_msg(res)
+        if ev.get("event") == "playbook_on_stats":
+            rec["recap"] = {h: vars(r) for h, r in _recap(data).items()}
+        self.emit(rec)
+
+    def finish(self, result: Result) -> None:
+        self.emit({"event": "flagops_result", **result.to_dict()})
+
+
+class RichView:
+    """A line per finished task (per-host status + elapsed) and a live line for the
+    running one (task, hosts still running, elapsed so far)."""
+
+    STYLE = {"ok": "green", "changed": "yellow", "failed": "bold red",
+             "unreachable": "bold red", "skipped": "cyan", "running": "dim"}
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.task: _Task | None = None
+        self.live: Any = None
+        self.play = ""
+
+    def start(self) -> None:
+        from rich.live import Live
+
+        self.live = Live(self._render_current(), console=self.console, refresh_per_second=8,
+                         transient=True, get_renderable=self._render_current)
+        self.live.start()
+
+    def _hosts_text(self, task: _Task) -> Any:
+        from rich.text import Text
+
+        text = Text()
+        by_state: dict[str, list[str]] = {}
+        for host, st in task.hosts.items():
+            by_state.setdefault(st, []).append(host)
+        for st in ("failed", "unreachable", "changed", "ok", "skipped", "running"):
+            if st in by_state:
+                text.append(f" {st}: ", style=self.STYLE[st])
+                text.append(",".join(by_state[st]))
+        return text
+
+    def _render_current(self) -> Any:
+        from rich.spinner import Spinner
+        from rich.text import Text
+
+        if self.task is None:
+            return Text("")
+        elapsed = time.monotonic() - self.task.started
+        line = Text(f"{elapsed:6.1f}s  {self.task.name}")
+        line.append_text(self._hosts_text(self.task))
+        return Spinner("dots", text=line)
+
+    def _close_task(self) -> None:
+        from rich.text import Text
+
+        task = self.task
+        if task is None:
+            return
+        task.ended = time.monotonic()
+        line = Text(f"{task.ended - task.started:6.1f}s  ", style="dim")
+        line.append(task.name, style="bold" if any(
+            s in ("failed", "unreachable") for s in task.hosts.values()) else "")
+        line.append_text(self._hosts_text(task))
+        self.console.print(line)
+        self.task = None
+
+    def event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        data = ev.get("event_data") or {}
+        if kind == "playbook_on_play_start":
+            self._close_task()
+            self.play = data.get("play", "")
+            self.console.print(f"[bold]PLAY[/] {self.play}")
+        elif kind in ("playbook_on_task_start", "playbook_on_handler_task_start"):
+            self._close_task()
+            prefix = "handler: " if kind == "playbook_on_handler_task_start" else ""
+            self.task = _Task(prefix + (data.get("task") or data.get("name") or "?"), time.monotonic())
+        elif kind == "runner_on_start" and self.task is not None:
+            self.task.hosts.setdefault(data.get("host", "?"), "running")
+        elif kind in _HOST_EVENTS and self.task is not None:
+            res = data.get("res") if isinstance(data.get("res"), dict) else {}
+            st = _HOST_EVENTS[kind]
+            if st == "ok" and res.get("changed"):
+                st = "changed"
+            if st == "failed" and data.get("ignore_errors"):
+                st = "ok"
+            self.task.hosts[data.get("host", "?")] = st
+            if kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+                self.console.print(f"    [red]{data.get('host')}: {_failure_msg(res)}[/]",
+                                   markup=True, highlight=False)
+        elif kind == "playbook_on_stats":
+            self._close_task()
+
+    def finish(self, result: Result) -> None:
+        from rich.table import Table
+
+        self._close_task()
+        if self.live is not None:
+            self.live.stop()
+        table = Table(title=f"{result.playbook}: {result.status} (rc={result.rc}, "
+                            f"{result.elapsed:.1f}s)", title_justify="left")
+        for col in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
+            table.add_column(col, justify="left" if col == "host" else "right")
+        for host, r in result.recap.items():
+            table.add_row(host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable),
+                          str(r.skipped))
+        self.console.print(table)
+        for f in result.failures:
+            if f.get("host") is None:
+                self.console.print(f"[red]{f['msg']}[/]", markup=True, highlight=False)
+
+
+def _failure_msg(res: dict[str, Any]) -> str:
+    msg = res.get("msg") or res.get("stderr") or res.get("reason") or ""
+    if not isinstance(msg, str):
+        msg = json.dumps(msg, default=str)
+    return msg.strip().splitlines()[0][:300] if msg.strip() else "failed"
+
+
+def _recap(stats: dict[str, Any]) -> dict[str, HostRecap]:
+    recap: dict[str, HostRecap] = {}
+    mapping = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable",
+               "skipped": "skipped", "rescued": "rescued", "ignored": "ignored"}
+    for src, dst in mapping.items():
+        for host, n in (stats.get(src) or {}).items():
+            setattr(recap.setdefault(host, HostRecap()), dst, int(n))
+    for host in stats.get("processed") or {}:
+        recap.setdefault(host, HostRecap())
+    return recap
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def ansible_env() -> dict[str, str]:
+    """Environment that makes ansible-playbook use this checkout's config and content."""
+    # ansible-runner execs `ansible-playbook` from PATH: use the one next to this Python
+    # so a non-activated venv (console script, tests) still finds it.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {
+        "PATH": path,
+        "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"),
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO_ROOT / ".ansible" / "collections"),
+        # Keep module arguments (which may carry templated secrets) out of the output.
+        "ANSIBLE_DISPLAY_ARGS_TO_STDOUT": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _playbook_path(name: str) -> Path:
+    if name.endswith((".yml", ".yaml")) or os.sep in name:
+        return Path(name).resolve()
+    return REPO_ROOT / "playbooks" / f"{name}.yml"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def redact_command_artifacts(private_data_dir: Path) -> None:
+    """Replace secret-looking env values in ansible-runner's ``command`` artifact."""
+    for cmd_file in private_data_dir.glob("artifacts/*/command"):
+        try:
+            data = json.loads(cmd_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        env = data.get("env")
+        if isinstance(env, dict):
+            data["env"] = {k: (REDACTED if SECRET_ENV_RE.search(k) else v) for k, v in env.items()}
+            _write_private(cmd_file, json.dumps(data, ensure_ascii=False))
+
+
+def _rotate(runs: Path, keep: int) -> None:
+    dirs = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in dirs[: max(0, len(dirs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_playbook(
+    name: str,
+    inventory: str | os.PathLike[str],
+    extravars: dict[str, Any] | None = None,
+    *,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    limit: str | None = None,
+    json_out: bool = False,
+    view: Any = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> Result:
+    """Run ``playbooks/<name>.yml`` (or a playbook path) against ``inventory``.
+
+    Args:
+        name: playbook name under playbooks/ (``provision``) or a path to a .yml file.
+        inventory: inventory file path.
+        extravars: extra vars (``{"flagops": {...}}``); must not contain credentials.
+        check, diff, tags, skip_tags, limit: ansible-playbook's options of the same name.
+        json_out: one JSON object per event on stdout instead of the rich view.
+        view: a custom view (tests); default JsonView or RichView.
+        on_event: also called with every raw ansible-runner event.
+
+    Returns:
+        :class:`Result` with rc, status and the per-host recap. ``rc != 0`` on failure.
+    """
+    import ansible_runner
+
+    playbook = _playbook_path(name)
+    if not playbook.is_file():
+        from flagops.errors import RunError
+
+        raise RunError(f"playbook not found: {playbook}")
+    runs = state.runs_dir()
+    ident = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{playbook.stem}"
+    pdd = runs / ident
+    pdd.mkdir(mode=0o700)
+    if extravars:
+        _write_private(pdd / "env" / "extravars", json.dumps(extravars))
+
+    cmdline = " ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on)
+    the_view = view or (JsonView() if json_out else RichView())
+    redacted = False
+
+    def handler(ev: dict[str, Any]) -> bool:
+        nonlocal redacted
+        if not redacted:
+            redact_command_artifacts(pdd)
+            redacted = True
+        if on_event is not None:
+            on_event(ev)
+        the_view.event(ev)
+        return True  # keep the event in artifacts/job_events
+
+    kwargs: dict[str, Any] = {
+        "private_data_dir": str(pdd),
+        "project_dir": str(playbook.parent),
+        "playbook": str(playbook),
+        "inventory": str(Path(inventory).resolve()),
+        "envvars": ansible_env(),
+        "event_handler": handler,
+        "quiet": True,
+        "rotate_artifacts": KEEP_RUNS,
+        "ident": "run",
+    }
+    if cmdline:
+        kwargs["cmdline"] = cmdline
+    if tags:
+        kwargs["tags"] = tags
+    if skip_tags:
+        kwargs["skip_tags"] = skip_tags
+    if limit:
+        kwargs["limit"] = limit
+
+    started = time.monotonic()
+    the_view.start()
+    try:
+        r = ansible_runner.run(**kwargs)
+    finally:
+        with contextlib.suppress(OSError):
+            (pdd / "env" / "extravars").unlink()
+        redact_command_artifacts(pdd)
+        _rotate(runs, KEEP_RUNS)
+    stats = r.stats or {}
+    failures = []
+    for ev in r.events:
+        if ev.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+            data = ev.get("event_data") or {}
+            if data.get("ignore_errors"):
+                continue
+            res = data.get("res") if isinstance(data.get("res"), dict) else {}
+            failures.append({"host": data.get("host"), "task": data.get("task"),
+                             "msg": _failure_msg(res)})
+    if r.rc and not failures:
+        # ansible-playbook died before any task (syntax error, bad inventory): its
+        # stdout is the only explanation.
+        tail = [ln for ln in (r.stdout.read() if r.stdout else "").splitlines() if ln.strip()]
+        failures.append({"host": None, "task": None, "msg": "\n".join(tail[-5:]) or "failed"})
+    result = Result(
+        playbook=playbook.stem,
+        rc=int(r.rc if r.rc is not None else 1),
+        status=str(r.status),
+        recap=_recap(stats),
+        private_data_dir=pdd,
+        elapsed=time.monotonic() - started,
+        failures=failures,
+    )
+    the_view.finish(result)
+    return result
