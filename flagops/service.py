@@ -1,0 +1,360 @@
+"""The service's true state: staged readiness for deploy, status, logs.
+
+FlagScale's runner starts Ray and vLLM in the background and reports nothing;
+a worker that never joined or a model that never loaded looks the same as
+"starting". flagops asks each layer itself, in order, and names the stage
+where it stopped:
+
+    RAY_FORMING -> RAY_READY -> LOADING -> MODEL_LISTED -> SERVING
+
+Every wait is a condition polled with a short interval and a timeout per
+stage; there are no bare sleeps.  Status gathers the same facts from every
+node in parallel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flagops.config import Config
+from flagops.nodes import Nodes
+
+STAGES = ("RAY_FORMING", "RAY_READY", "LOADING", "MODEL_LISTED", "SERVING")
+DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0}
+POLL_S = 0.25
+PROC_TREE = Path(__file__).resolve().parent.parent / "roles" / "serve" / "files" / "proc_tree.sh"
+
+# Ray's state API on the head (FlagScale starts the dashboard on 127.0.0.1:8265
+# of the master host, which the container shares through --net=host).
+_RAY_NODES_PY = r"""
+import json, sys, urllib.request
+try:
+    with urllib.request.urlopen("http://127.0.0.1:8265/api/v0/nodes?limit=100&detail=1", timeout=2) as r:
+        doc = json.load(r)
+except Exception as exc:
+    print(json.dumps({"error": str(exc)})); sys.exit(0)
+rows = doc.get("data", {}).get("result", {}).get("result", [])
+print(json.dumps({"nodes": [{"ip": n.get("node_ip"), "state": n.get("state"), "head": n.get("is_head_node"),
+                             "resources": n.get("resources_total", {})} for n in rows]}))
+"""
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def served_model(cfg: Config) -> str:
+    args = cfg.release["serve"]["engine_args"]
+    return str(args.get("served_model_name") or args["model"])
+
+
+def endpoint(cfg: Config) -> str:
+    return f"http://{cfg.master.address}:{int(cfg.release['serve']['engine_args'].get('port', 8000))}"
+
+
+def state_file(cfg: Config) -> str:
+    return f"{cfg.share_root}/.flagops/service/{cfg.release['name']}.json"
+
+
+def serve_log(cfg: Config) -> str:
+    exp = cfg.release["flagscale"]["exp_name"]
+    return f"{cfg.share_root}/repos/FlagScale/outputs/{exp}/serve_logs/host_0_localhost.output"
+
+
+def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 3.0) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")[:500]
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(getattr(exc, "reason", exc))
+
+
+def expected_resource(cfg: Config) -> str:
+    return "GPU" if cfg.slot_type == "gpu" else "CPU"
+
+
+def ray_nodes(nodes: Nodes) -> dict[str, Any]:
+    """Alive Ray nodes and their resources, asked of the head on the master host."""
+    r = nodes.run(["python3", "-c", _RAY_NODES_PY], [nodes.master.name], timeout=10)[nodes.master.name]
+    if not r.ok:
+        return {"error": r.stderr.strip() or f"rc={r.rc}"}
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"unexpected answer: {r.stdout[-200:]}"}
+
+
+def ray_membership(cfg: Config, info: dict[str, Any]) -> dict[str, Any]:
+    """Compare Ray's alive nodes with the inventory: who is missing, with what."""
+    key = expected_resource(cfg)
+    alive = {n["ip"]: n for n in info.get("nodes", []) if n.get("state") == "ALIVE"}
+    per_host = {}
+    for h in cfg.hosts:
+        n = alive.get(h.address)
+        per_host[h.name] = {"member": n is not None, key: (n or {}).get("resources", {}).get(key, 0.0),
+                            "expected": {key: h.slots}}
+    by_name = {h.name: h for h in cfg.hosts}
+    missing = [f"{name} ({by_name[name].address}, {by_name[name].slots} {key})"
+               for name, v in per_host.items() if not v["member"]]
+    total = sum(v[key] for v in per_host.values())
+    want = sum(h.slots for h in cfg.hosts)
+    return {"hosts": per_host, "missing": missing, "total": total, "expected_total": want, "resource": key,
+            "ready": not missing and total >= want and "error" not in info, "error": info.get("error")}
+
+
+def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
+    """The recorded serve process on the master: recorded? alive (same start time)?"""
+    m = nodes.master.name
+    rec = nodes.run(["cat", state_file(cfg)], [m])[m]
+    if not rec.ok:
+        return {"recorded": False, "alive": False, "reason": "no service recorded by flagops"}
+    try:
+        st = json.loads(rec.stdout)
+    except ValueError:
+        return {"recorded": False, "alive": False, "reason": "unreadable service record"}
+    r = nodes.shell_in_container(PROC_TREE.read_text(), "alive", str(st["pid"]), str(st.get("pid_start", "")),
+                                 hosts=[m])[m]
+    return {"recorded": True, "alive": r.rc == 0, "pid": st["pid"], "started_at": st.get("started_at"),
+            "fingerprint": st.get("fingerprint"), "reason": r.stdout.strip() or r.stderr.strip()}
+
+
+def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
+    script = ('docker inspect --format "{{json .State}}|{{json .Config.Labels}}|{{.Image}}" "$1" && '
+              'docker image inspect --format "{{json .RepoDigests}}" "$(docker inspect --format "{{.Image}}" "$1")"')
+    res = nodes.run(["bash", "-c", script, "flagops", cfg.container_name])
+    out: dict[str, Any] = {}
+    for host, r in res.items():
+        if r.rc == 255:
+            out[host] = {"reachable": False, "running": False, "reason": r.stderr.strip()}
+            continue
+        if not r.ok:
+            out[host] = {"reachable": True, "running": False, "reason": f"no container {cfg.container_name}"}
+            continue
+        first, digests = r.stdout.strip().splitlines()[:2]
+        state, labels, image_id = first.split("|", 2)
+        st = json.loads(state)
+        out[host] = {"reachable": True, "running": bool(st.get("Running")), "status": st.get("Status"),
+                     "managed": (json.loads(labels) or {}).get("io.flagops.managed") == "true",
+                     "image_id": image_id, "digests": json.loads(digests) or []}
+    return out
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+@dataclass
+class Stage:
+    name: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Readiness:
+    state: str = "RAY_FORMING"
+    ok: bool = False
+    reason: str = ""
+    stages: list[Stage] = field(default_factory=list)
+    ready_at: float | None = None
+    logs: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _wait(check: Callable[[], tuple[bool, str]], timeout: float, alive: Callable[[], tuple[bool, str]]) -> tuple[bool, str, float]:
+    t0 = time.monotonic()
+    next_alive = t0
+    detail = ""
+    while True:
+        ok, detail = check()
+        if ok:
+            return True, detail, time.monotonic() - t0
+        now = time.monotonic()
+        if now >= next_alive:  # the process dying is a failure now, not after the timeout
+            up, why = alive()
+            if not up:
+                return False, f"serve process is gone ({why}); last check: {detail}", now - t0
+            next_alive = now + 2.0
+        if now - t0 > timeout:
+            return False, f"timed out after {timeout:.0f}s: {detail}", now - t0
+        time.sleep(POLL_S)
+
+
+def wait_ready(cfg: Config, nodes: Nodes, timeouts: dict[str, float] | None = None,
+               on_stage: Callable[[Stage], None] | None = None) -> Readiness:
+    t = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+    res = Readiness()
+    base = endpoint(cfg)
+    model = served_model(cfg)
+
+    def alive() -> tuple[bool, str]:
+        p = serve_process(cfg, nodes)
+        return p["alive"], p["reason"]
+
+    def ray_ok() -> tuple[bool, str]:
+        m = ray_membership(cfg, ray_nodes(nodes))
+        if m["error"]:
+            return False, f"Ray head not answering: {m['error']}"
+        missing = "; missing " + ", ".join(m["missing"]) if m["missing"] else ""
+        return m["ready"], f"{m['total']:g}/{m['expected_total']} {m['resource']} registered{missing}"
+
+    def health() -> tuple[bool, str]:
+        code, body = _http(base + "/health")
+        return code == 200, f"GET /health -> {code or body}"
+
+    def listed() -> tuple[bool, str]:
+        code, body = _http(base + "/v1/models")
+        if code != 200:
+            return False, f"GET /v1/models -> {code or body}"
+        ids = [m.get("id") for m in json.loads(body).get("data", [])]
+        return model in ids, f"models: {ids}"
+
+    def serving() -> tuple[bool, str]:
+        code, body = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1,
+                                                      "temperature": 0}, timeout=60)
+        return code == 200, f"one-token completion -> {code or body}"
+
+    plan = [("RAY_READY", ray_ok), ("LOADING", health), ("MODEL_LISTED", listed), ("SERVING", serving)]
+    for name, check in plan:
+        ok, detail, secs = _wait(check, t[name], alive)
+        stage = Stage(name, ok, round(secs, 3), detail)
+        res.stages.append(stage)
+        if on_stage:
+            on_stage(stage)
+        if not ok:
+            res.state = STAGES[STAGES.index(name) - 1]
+            res.reason = f"stopped before {name}: {detail}"
+            res.logs = failure_logs(cfg, nodes)
+            return res
+        res.state = name
+    res.ok = True
+    res.ready_at = time.time()
+    return res
+
+
+def failure_logs(cfg: Config, nodes: Nodes, lines: int = 30) -> dict[str, str]:
+    """The last lines that explain a failure: FlagScale output, Ray logs, container logs."""
+    out: dict[str, str] = {}
+    m = nodes.master.name
+    r = nodes.run(["tail", "-n", str(lines), serve_log(cfg)], [m])[m]
+    out[f"{m}: flagscale output"] = r.stdout if r.ok else r.stderr
+    ray = nodes.shell_in_container(
+        'for f in raylet.out raylet.err; do p=/tmp/ray/session_latest/logs/$f; [ -f "$p" ] && { echo "== $f"; tail -n "$1" "$p"; }; done; true',
+        str(lines // 2))
+    for host, rr in ray.items():
+        if host != m:
+            out[f"{host}: ray logs"] = rr.stdout or rr.stderr
+    logs = nodes.run(["docker", "logs", "--tail", str(lines), cfg.container_name])
+    for host, rr in logs.items():
+        out[f"{host}: container logs"] = (rr.stdout + rr.stderr).strip()
+    return out
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[str, Any]:
+    """Everything flagops knows about the service, gathered from all nodes in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = endpoint(cfg)
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        f_ctr = pool.submit(containers, cfg, nodes)
+        f_ray = pool.submit(ray_nodes, nodes)
+        f_proc = pool.submit(serve_process, cfg, nodes)
+        f_health = pool.submit(_http, base + "/health")
+        f_models = pool.submit(_http, base + "/v1/models")
+        ctr, ray, proc, health, models = (f.result() for f in (f_ctr, f_ray, f_proc, f_health, f_models))
+    member = ray_membership(cfg, ray)
+    model = served_model(cfg)
+    listed = models[0] == 200 and model in [m.get("id") for m in json.loads(models[1]).get("data", [])]
+    serving = False
+    if listed and probe_completion:
+        serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
+
+    problems: list[str] = []
+    for host, c in ctr.items():
+        if not c.get("running"):
+            problems.append(f"{host}: container {cfg.container_name} not running ({c.get('reason') or c.get('status')})")
+    if proc["recorded"] and not proc["alive"]:
+        problems.append(f"serve process {proc.get('pid')} is gone ({proc['reason']})")
+    if member["missing"] and not member["error"]:
+        problems.append("Ray is missing " + ", ".join(member["missing"]))
+
+    if not proc["recorded"] and health[0] == 0 and not any(v["member"] for v in member["hosts"].values()):
+        state = "STOPPED"
+    elif problems:
+        state = "DEGRADED"
+    elif listed and (serving or not probe_completion):
+        state = "SERVING" if serving else "MODEL_LISTED"
+    elif health[0] == 200:
+        state = "MODEL_LISTED" if listed else "LOADING"
+    elif member["ready"]:
+        state = "LOADING"
+    elif proc["alive"]:
+        state = "RAY_FORMING"
+    else:
+        state = "STOPPED"
+
+    per_node = {}
+    for h in cfg.hosts:
+        per_node[h.name] = {"address": h.address, "role": h.role, "container": ctr.get(h.name, {}),
+                            "ray": member["hosts"].get(h.name, {})}
+    per_node[cfg.master.name]["serve"] = proc
+    return {"release": cfg.release["name"], "state": state, "model": model, "endpoint": base,
+            "health": health[0], "problems": problems, "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},
+            "nodes": per_node}
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def collect_logs(cfg: Config, nodes: Nodes, rendered: dict[str, str], out: Path) -> dict[str, Any]:
+    """One tarball: each node's FlagScale output, Ray logs, container logs, and the rendered configs."""
+    import secrets
+
+    tag = secrets.token_hex(6)
+    summary: dict[str, Any] = {}
+    with tarfile.open(out, "w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+
+        for rel, text in rendered.items():
+            add(f"rendered/{rel}", text.encode())
+        m = nodes.master.name
+        r = nodes.run(["cat", serve_log(cfg)], [m])[m]
+        add(f"{m}/flagscale/host_0_localhost.output", (r.stdout if r.ok else r.stderr).encode())
+        clog = nodes.run(["docker", "logs", "--tail", "5000", cfg.container_name])
+        for host, rr in clog.items():
+            add(f"{host}/container.log", (rr.stdout + rr.stderr).encode())
+        # Ray logs: tar inside the container to a file flagops names, fetch it, remove it.
+        remote = f"/tmp/flagops-raylogs-{tag}.tgz"
+        script = ('docker exec "$1" tar -czf - -C /tmp/ray/session_latest logs > "$2" 2>/dev/null; '
+                  'test -s "$2" || { rm -f "$2"; exit 3; }')
+        made = nodes.run(["bash", "-c", script, "flagops", cfg.container_name, remote])
+        for host, rr in made.items():
+            if rr.ok:
+                local = out.parent / f".{host}-{tag}.tgz"
+                if nodes.fetch(host, remote, local):
+                    tar.add(local, arcname=f"{host}/ray-logs.tgz")
+                    local.unlink()
+                nodes.run(["rm", "-f", remote], [host])
+            summary[host] = {"ray_logs": rr.ok}
+    return {"file": str(out), "nodes": summary}
