@@ -304,21 +304,23 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
                     _expected_from(sub, f"a {key!r} key here"),
                     f"add {key}: ...",
                 )
-    elif kind == "propertyNames":
+    elif "propertyNames" in err.relative_schema_path:
+        # jsonschema reports a bad key at its parent's path, with the key as instance.
         yield _problem(
             doc.where(join_pointer(pointer, str(value)), key=True),
             f"key {_show(value)}",
-            _expected_from(err.validator_value, "a valid name"),
+            _expected_from(schema, "a valid name"),
             "rename the key",
         )
     elif kind == "type":
         want = err.validator_value
         want_s = " or ".join(want) if isinstance(want, list) else str(want)
+        want_s = want_s.replace("object", "mapping").replace("array", "list")
         yield _problem(
             doc.where(pointer),
-            f"{_type_name(value)} {shown}",
+            shown if isinstance(value, dict | list) else f"{_type_name(value)} {shown}",
             f"{want_s}" + (f" ({schema['description']})" if schema.get("description") else ""),
-            f"write a {want_s.replace('object', 'mapping').replace('array', 'list')} here",
+            f"write {'an' if want_s[0] in 'aeiou' else 'a'} {want_s} here",
         )
     elif kind in ("enum", "const"):
         choices = err.validator_value if kind == "enum" else [err.validator_value]
@@ -616,6 +618,8 @@ class _Inventory:
     doc: Doc
     hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]]  # (name, role, vars)
     cluster: dict[str, tuple[Any, str]]
+    # False when the master/worker split is broken: slot sums would only echo that error.
+    topology_ok: bool = True
 
 
 def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
@@ -645,6 +649,7 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
                          f"move {extra} to the workers group")
             )
 
+    topology_ok = master is not None and len(master.hosts) == 1
     hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]] = []
     if master:
         for name in master.hosts:
@@ -657,6 +662,7 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
                              "each host in exactly one of master, workers",
                              f"remove {name} from one of the groups")
                 )
+                topology_ok = False
                 continue
             hosts.append((name, "worker", _host_vars(data, groups, name)))
     if not hosts:
@@ -758,7 +764,7 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
                          "a docker container name [a-zA-Z0-9][a-zA-Z0-9_.-]*",
                          "use a plain name such as flagos")
             )
-    return _Inventory(doc, hosts, cluster)
+    return _Inventory(doc, hosts, cluster, topology_ok)
 
 
 # --------------------------------------------------------------------------- release
@@ -865,7 +871,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                          "drop the shell characters; set complex values in the image instead")
             )
 
-    if inv is None or not inv.hosts:
+    if inv is None or not inv.hosts or not inv.topology_ok:
         return
     slots: list[tuple[str, int]] = []
     for hname, _, hv in inv.hosts:
@@ -912,6 +918,12 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _display_path(path: Path) -> str:
+    """Relative to the CWD when below it (short, clickable messages), else absolute."""
+    rel = os.path.relpath(path)
+    return path.as_posix() if rel.startswith("..") else rel
 
 
 def load(inventory: str | os.PathLike[str], release: str | None = None) -> Config:
@@ -966,7 +978,7 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
                          + " (add catalogs with $FLAGOPS_CATALOG)")
             )
         else:
-            rel_doc, rel_parse = load_yaml(rel_path)
+            rel_doc, rel_parse = load_yaml(rel_path, _display_path(rel_path))
             problems += rel_parse
             if not rel_parse and isinstance(rel_doc.data, dict):
                 if rel_doc.data.get("name") != rel_path.stem:
