@@ -1,0 +1,54 @@
+"""Run inside a subprocess with the flag-scale 0.8.0 wheel on sys.path (see
+test_render_flagscale.py). Reads a rendered conf dir exactly the way FlagScale does and
+prints what it got as JSON. Not collected by pytest (no test_ prefix)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from flagscale.runner.utils import parse_hostfile
+from flagscale.utils import flatten_dict_to_args
+
+
+def read(conf_dir: str) -> dict:
+    with initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
+        cfg = compose(config_name="serve", return_hydra_config=True)
+    hydra_run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    cfg_dict = OmegaConf.to_container(cfg, resolve=False)
+    cfg_dict.pop("hydra")
+    cfg_no_hydra = OmegaConf.create(cfg_dict)
+    resolved = OmegaConf.to_container(cfg_no_hydra, resolve=True)
+
+    # runner_serve.py::SSHServeRunner._prepare: a relative hostfile is joined with the CWD.
+    hostfile = cfg.experiment.runner.get("hostfile", None)
+    path = hostfile if os.path.isabs(hostfile) else os.path.join(os.getcwd(), hostfile)
+    resources = parse_hostfile(path)
+
+    # run_inference_engine.py::vllm_serve: engine_args laid over engine_args_specific.vllm.
+    entry = resolved["serve"][0]
+    vllm_args = dict(entry.get("engine_args_specific", {}).get("vllm", {}))
+    vllm_args.update(entry.get("engine_args", {}))
+    command = ["vllm", "serve", vllm_args["model"], *flatten_dict_to_args(vllm_args, ["model"])]
+
+    # runner_serve.py::_generate_run_script_serve: `export K=V` joined by ' && '.
+    envs = resolved["experiment"].get("envs", {})
+    exports = " && ".join(f"export {k}={v}" for k, v in envs.items() if k != "nodes_envs")
+    return {
+        "config": resolved,
+        "hydra_run_dir": OmegaConf.to_container(OmegaConf.create({"d": hydra_run_dir}), resolve=True)["d"]
+        if hydra_run_dir is not None else None,
+        "hostfile_path": path,
+        "hosts": [[host, info] for host, info in resources.items()],
+        "vllm_command": command,
+        "exports": exports,
+        "false_flag": flatten_dict_to_args({"enforce_eager": False, "no_enable_prefix_caching": True}),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: read(path) for name, path in zip(sys.argv[1::2], sys.argv[2::2])}))
