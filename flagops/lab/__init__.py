@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from flagops.errors import FlagopsError
+
 Progress = Callable[[str], None]
 """Receives one human-readable line per step (the CLI prints or collects them)."""
 
 
-class LabError(RuntimeError):
+class LabError(FlagopsError):
     """A lab step failed; the message says what was found and what is needed."""

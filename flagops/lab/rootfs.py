@@ -26,17 +26,27 @@ KEY_LABEL = "io.flagops.rootfs.key"
 APT_SOURCES = Path("/etc/apt")
 
 # Documentation and translations are dead weight in a lab image.
-_DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
+_DPKG_EXCLUDES = (
+    "/usr/share/doc/*",
+    "/usr/share/man/*",
+    "/usr/share/info/*",
+    "/usr/share/locale/*",
+)
 
 
 def rootfs_key(suite: str, variant: str, packages: list[str]) -> str:
     """The cache key of a rootfs: sha256 over its inputs (package order does not matter)."""
-    spec = {"v": SCRIPT_VERSION, "suite": suite, "variant": variant, "packages": sorted(set(packages))}
+    spec = {
+        "v": SCRIPT_VERSION,
+        "suite": suite,
+        "variant": variant,
+        "packages": sorted(set(packages)),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def host_mirrors(suite: str, apt_dir: Path = APT_SOURCES) -> list[str]:
-    """One-line ``deb URI SUITE COMPONENTS`` entries for ``suite`` (and ``suite-*``) from the host's apt sources.
+    """``deb URI SUITE COMPONENTS`` lines for ``suite`` and ``suite-*`` from the host's apt sources.
 
     Reads ``sources.list``, ``sources.list.d/*.list`` and deb822 ``*.sources``, so the
     build uses whatever mirror (or snapshot) the host is configured for.
@@ -68,14 +78,23 @@ def host_mirrors(suite: str, apt_dir: Path = APT_SOURCES) -> list[str]:
             for uri in fields.get("uris", "").split():
                 for s in fields.get("suites", "").split():
                     entries.append((uri, s, fields.get("components", "main")))
-    wanted = [f"deb {uri} {s} {comps}" for uri, s, comps in entries if s == suite or s.startswith(suite + "-")]
+    wanted = [
+        f"deb {uri} {s} {comps}"
+        for uri, s, comps in entries
+        if s == suite or s.startswith(suite + "-")
+    ]
     return list(dict.fromkeys(wanted))
 
 
 def find_image(client: docker.DockerClient, key: str) -> docker.models.images.Image | None:
-    """The image built for ``key``, if the engine has one."""
-    images = client.images.list(filters={"label": f"{KEY_LABEL}={key}"})
-    return images[0] if images else None
+    """The image imported for ``key``, if the engine has one.
+
+    Images built FROM it inherit the label, so only a one-layer image (the import) counts.
+    """
+    for image in client.images.list(filters={"label": f"{KEY_LABEL}={key}"}):
+        if len(image.attrs.get("RootFS", {}).get("Layers", [])) == 1:
+            return image
+    return None
 
 
 def build_base_image(
@@ -121,7 +140,7 @@ def build_base_image(
     cmd = [
         "mmdebstrap",
         f"--variant={variant}",
-        "--aptopt=APT::Install-Recommends \"false\"",
+        '--aptopt=APT::Install-Recommends "false"',
         *(f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES),
         f"--include={','.join(sorted(set(packages)))}",
         suite,
@@ -137,7 +156,9 @@ def build_base_image(
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             'CMD ["/bin/bash"]',
         ]
-        out = client.api.import_image_from_file(str(tarball), repository=repo, tag=version or "latest", changes=changes)
+        out = client.api.import_image_from_file(
+            str(tarball), repository=repo, tag=version or "latest", changes=changes
+        )
     finally:
         tarball.unlink(missing_ok=True)
     image = find_image(client, key)
@@ -147,7 +168,7 @@ def build_base_image(
 
 
 def _run_streaming(cmd: list[str], progress: Progress) -> None:
-    """Run ``cmd``, pass its ``I:``/``W:``/``E:`` lines to ``progress``; raise with the tail on failure."""
+    """Run ``cmd``, pass its ``I:``/``W:``/``E:`` lines to ``progress``; raise with the tail."""
     tail: deque[str] = deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None

@@ -1,0 +1,226 @@
+"""`lab up`, `lab down` and `lab status`: the steps, in order, and what each found.
+
+``up`` is idempotent: every step first checks what exists and only builds or starts
+what is missing. Caches (images, the rootfs, registry data, node docker data, the
+published model, the git repo) survive ``down``; ``down --purge`` removes them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from flagops.lab import LabError, Progress, engine, nodes, services
+from flagops.lab.paths import LabPaths
+
+IMAGE_REPO = "flagrelease/flagrelease"
+IMAGE_TAG = "lab"
+IMAGE_REF = (
+    f"{services.GATEWAY}:{services.REGISTRY_PORT}/{IMAGE_REPO}:{IMAGE_TAG}"  # what nodes pull
+)
+PUSH_REPO = f"{services.LOOPBACK}:{services.REGISTRY_PORT}/{IMAGE_REPO}"  # same registry, host side
+MODEL_NAME = "ERNIE-4.5-tiny-MoE"
+FACTS_FILE = "lab.json"
+
+
+@contextlib.contextmanager
+def _lab_lock(paths: LabPaths) -> Iterator[None]:
+    """One `lab up`/`lab down` at a time."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with open(paths.root / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LabError(f"another `flagops lab` command holds {paths.root / 'lock'}") from None
+        yield
+
+
+class _Steps:
+    """Times each step and keeps its result for the --json report."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.report: dict[str, Any] = {"steps": {}}
+
+    def run(self, name: str, func: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        result = func()
+        self.report["steps"][name] = round(time.monotonic() - start, 2)
+        return result
+
+
+def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
+    """Bring the whole lab up; returns facts and per-step seconds."""
+    from flagops.lab.flagos_image import ensure_image
+    from flagops.lab.flagscale_repo import ensure_repo
+    from flagops.lab.tiny_model import ensure_model
+
+    started = time.monotonic()
+    steps = _Steps(progress)
+    with _lab_lock(paths):
+        steps.run(
+            "host_packages", lambda: engine.ensure_apt_packages(engine.missing_tools(), progress)
+        )
+        client = steps.run("engine", lambda: engine.ensure_engine(paths, progress))
+        node_image = steps.run(
+            "node_image", lambda: nodes.ensure_node_image(client, paths, progress)
+        )
+        steps.run("ssh_keys", lambda: nodes.ensure_ssh_keys(paths))
+        steps.run("network", lambda: nodes.ensure_network(client, progress))
+        steps.run("services", lambda: services.ensure_services(paths, progress))
+        steps.run("nodes", lambda: nodes.ensure_nodes(client, node_image, paths, progress))
+        nodes.prune_node_images(client, keep=node_image)
+        local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
+        digest = steps.run("push", lambda: push_image(client, local, progress))
+        model = steps.run("model", lambda: ensure_model(client, local, paths.published, progress))
+        commit = steps.run("git_repo", lambda: ensure_repo(paths.git, paths.cache, progress))
+    facts = {
+        "image": IMAGE_REF,
+        "image_digest": digest,
+        "model": Path(model).name,
+        "model_url": f"http://{services.GATEWAY}:{services.MODEL_PORT}/{Path(model).name}/",
+        "flagscale_repo": f"git://{services.GATEWAY}/FlagScale.git",
+        "flagscale_commit": commit,
+        "node_image": node_image,
+        "ssh_key": str(paths.ssh_key),
+        "known_hosts": str(paths.known_hosts),
+    }
+    (paths.root / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    steps.report.update(facts, ok=True, seconds=round(time.monotonic() - started, 2))
+    return steps.report
+
+
+def _registry_digest() -> str | None:
+    """The digest the lab registry holds for ``flagrelease/flagrelease:lab``, if any."""
+    url = (
+        f"http://{services.LOOPBACK}:{services.REGISTRY_PORT}/v2/{IMAGE_REPO}/manifests/{IMAGE_TAG}"
+    )
+    accept = "application/vnd.docker.distribution.manifest.v2+json"
+    request = urllib.request.Request(url, method="HEAD", headers={"Accept": accept})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.headers.get("Docker-Content-Digest")
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def push_image(client: docker.DockerClient, local: str, progress: Progress) -> str:
+    """Tag ``local`` as the lab image, push it unless the registry holds it; returns the digest."""
+    image = client.images.get(local)
+    held = _registry_digest()
+    if held and f"{PUSH_REPO}@{held}" in image.attrs.get("RepoDigests", []):
+        progress(f"registry: {IMAGE_REF} up to date ({held[:19]})")
+        return held
+    image.tag(PUSH_REPO, IMAGE_TAG)
+    progress(f"registry: pushing {local} as {IMAGE_REF}")
+    for event in client.api.push(PUSH_REPO, tag=IMAGE_TAG, stream=True, decode=True):
+        if "error" in event:
+            raise LabError(f"push of {PUSH_REPO}:{IMAGE_TAG} failed: {event['error']}")
+    held = _registry_digest()
+    if not held:
+        raise LabError(f"registry holds no {IMAGE_REPO}:{IMAGE_TAG} after the push")
+    return held
+
+
+def down(paths: LabPaths, progress: Progress, purge: bool = False) -> dict[str, Any]:
+    """Remove the nodes, network and host services (and, with ``purge``, every cache)."""
+    with _lab_lock(paths):
+        client = engine.connect()
+        if client is not None:
+            nodes.remove_nodes(client, paths, progress)
+            nodes.remove_network(client, progress)
+        services.stop_services(paths, progress)
+        if purge and client is not None:
+            _remove_lab_images(client, progress)
+        engine.stop_engine(paths, client, progress)
+        if purge:
+            for child in paths.root.iterdir():
+                if child.name != "lock":
+                    shutil.rmtree(
+                        child
+                    ) if child.is_dir() and not child.is_symlink() else child.unlink()
+            progress(f"purged {paths.root}")
+    return {"ok": True, "purged": purge, "left": leftovers(paths)}
+
+
+def _remove_lab_images(client: docker.DockerClient, progress: Progress) -> None:
+    for image in client.images.list():
+        tags = [t for t in image.tags if t.startswith(("flagops-lab/", f"{PUSH_REPO}:"))]
+        for tag in tags:
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(tag, noprune=False)
+        if tags:
+            progress(f"removed image {', '.join(tags)}")
+
+
+def leftovers(paths: LabPaths) -> dict[str, list[str]]:
+    """What a clean `lab down` must not leave: containers, networks, processes, cgroup dirs."""
+    from flagops.lab import procs
+
+    out: dict[str, list[str]] = {"containers": [], "networks": [], "processes": [], "cgroups": []}
+    client = engine.connect()
+    if client is not None:
+        label = {"label": f"{nodes.LAB_LABEL}=1"}
+        out["containers"] = [c.name for c in client.containers.list(all=True, filters=label)]
+        out["networks"] = [n.name for n in client.networks.list(filters=label)]
+    out["processes"] = [
+        n for n in procs.names(paths.pids) if procs.alive(procs.read(paths.pids, n))
+    ]
+    for node in nodes.NODES:
+        id_file = paths.node_dir(node.hostname) / "container-id"
+        if id_file.exists():
+            out["cgroups"] += [str(d) for d in nodes.stale_cgroup_dirs(id_file.read_text().strip())]
+    return out
+
+
+def status(paths: LabPaths) -> dict[str, Any]:
+    """Each component: up or down, with details."""
+    client = engine.connect()
+    report: dict[str, Any] = {"engine": engine.engine_status(paths, client)}
+    if client is not None:
+        try:
+            net = client.networks.get(nodes.NETWORK)
+            report["network"] = {
+                "up": True,
+                "detail": f"{nodes.SUBNET} on {nodes.BRIDGE}",
+                "id": net.short_id,
+            }
+        except docker.errors.NotFound:
+            report["network"] = {"up": False}
+        report["nodes"] = nodes.nodes_status(client, paths)
+    report["services"] = services.services_status(paths)
+    digest = _registry_digest()
+    report["image"] = {"up": digest is not None, "ref": IMAGE_REF, "digest": digest}
+    manifest = paths.published / MODEL_NAME / "manifest.json"
+    report["model"] = {"up": manifest.is_file(), "path": str(manifest.parent)}
+    repo = paths.git / "FlagScale.git"
+    report["git_repo"] = {"up": repo.is_dir(), "path": str(repo)}
+    facts = paths.root / FACTS_FILE
+    if facts.is_file():
+        report["facts"] = json.loads(facts.read_text())
+    report["ok"] = _all_up(report)
+    return report
+
+
+def _all_up(report: dict[str, Any]) -> bool:
+    parts = [
+        report["engine"],
+        report.get("network", {"up": False}),
+        report["image"],
+        report["model"],
+        report["git_repo"],
+        *report.get("nodes", {}).values(),
+        *report["services"].values(),
+    ]
+    return bool(report.get("nodes")) and all(p.get("up") for p in parts)

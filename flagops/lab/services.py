@@ -1,0 +1,200 @@
+"""Host-side services the nodes use, each a real server started and recorded by the lab.
+
+- registry: Debian ``docker-registry`` on 127.0.0.1:5000 (data in ``<lab>/registry``),
+  reached by the nodes at 172.30.0.1:5000 through a socat forwarder (the host engine
+  pushes to 127.0.0.1:5000, which Docker trusts without TLS).
+- model server: nginx (own config and pid, never the system service) on
+  172.30.0.1:8090 and 127.0.0.1:8090, serving ``<lab>/published/`` with Range support.
+- git server: ``git daemon`` on 172.30.0.1:9418 and 127.0.0.1:9418 exporting ``<lab>/git/``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from flagops.lab import LabError, Progress, procs
+from flagops.lab.paths import LabPaths
+
+GATEWAY = "172.30.0.1"
+LOOPBACK = "127.0.0.1"
+REGISTRY_PORT = 5000
+MODEL_PORT = 8090
+GIT_PORT = 9418
+
+
+@dataclass(frozen=True)
+class Service:
+    """One recorded host process and the address where it must answer."""
+
+    name: str
+    describe: str
+    host: str
+    port: int
+    http_path: str | None = None  # probe with an HTTP GET (2xx) instead of a TCP connect
+
+    def probe(self) -> bool:
+        if self.http_path is None:
+            return _tcp_open(self.host, self.port)
+        return _http_ok(f"http://{self.host}:{self.port}{self.http_path}")
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(svc: Service, log: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not svc.probe():
+        if time.monotonic() > deadline:
+            raise LabError(f"{svc.describe} did not come up within {timeout:.0f}s; see {log}")
+        time.sleep(0.2)
+
+
+def _registry_config(paths: LabPaths) -> str:
+    return (
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {paths.registry}}}, delete: {{enabled: true}}}}\n"
+        f"http: {{addr: '{LOOPBACK}:{REGISTRY_PORT}'}}\n"
+    )
+
+
+def _nginx_config(paths: LabPaths) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read files under ~ (mode 700)
+    temp = paths.run / "nginx"
+    return f"""{user}worker_processes 1;
+pid {temp}/nginx.pid;
+error_log {paths.logs}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    types {{ application/json json; text/plain txt; application/octet-stream safetensors bin; }}
+    default_type application/octet-stream;
+    access_log {paths.logs}/nginx-access.log;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    sendfile on;
+    server {{
+        listen {GATEWAY}:{MODEL_PORT};
+        listen {LOOPBACK}:{MODEL_PORT};
+        root {paths.published};
+        autoindex on;
+    }}
+}}
+"""
+
+
+def _argv(paths: LabPaths, name: str) -> list[str]:
+    if name == "registry":
+        conf = paths.run / "registry.yml"
+        conf.write_text(_registry_config(paths))
+        return ["docker-registry", "serve", str(conf)]
+    if name == "registry-forward":
+        return [
+            "socat",
+            f"TCP-LISTEN:{REGISTRY_PORT},bind={GATEWAY},reuseaddr,fork",
+            f"TCP:{LOOPBACK}:{REGISTRY_PORT}",
+        ]
+    if name == "model-server":
+        conf = paths.run / "nginx" / "nginx.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(_nginx_config(paths))
+        return [
+            "/usr/sbin/nginx",
+            "-p",
+            str(conf.parent),
+            "-c",
+            str(conf),
+            "-e",
+            str(paths.logs / "nginx-error.log"),
+            "-g",
+            "daemon off;",
+        ]
+    if name == "git-server":
+        return [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--informative-errors",
+            f"--base-path={paths.git}",
+            f"--listen={GATEWAY}",
+            f"--listen={LOOPBACK}",
+            f"--port={GIT_PORT}",
+            str(paths.git),
+        ]
+    raise ValueError(name)
+
+
+def services() -> list[Service]:
+    """The lab's host services, in start order (the forwarder needs the registry)."""
+    fwd = f"socat {GATEWAY}:{REGISTRY_PORT} -> {LOOPBACK}:{REGISTRY_PORT}"
+    return [
+        Service(
+            "registry",
+            f"docker-registry {LOOPBACK}:{REGISTRY_PORT}",
+            LOOPBACK,
+            REGISTRY_PORT,
+            "/v2/",
+        ),
+        Service("registry-forward", fwd, GATEWAY, REGISTRY_PORT, "/v2/"),
+        Service("model-server", f"nginx http://{GATEWAY}:{MODEL_PORT}/", GATEWAY, MODEL_PORT),
+        Service("git-server", f"git daemon git://{GATEWAY}:{GIT_PORT}/", GATEWAY, GIT_PORT),
+    ]
+
+
+def ensure_services(paths: LabPaths, progress: Progress) -> None:
+    """Start each service that is not running (needs the lab bridge for 172.30.0.1)."""
+    for d in (paths.registry, paths.published, paths.git, paths.run, paths.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    for svc in services():
+        record = procs.read(paths.pids, svc.name)
+        if procs.alive(record) and svc.probe():
+            continue
+        procs.stop(paths.pids, svc.name)  # a dead or wedged record
+        if _tcp_open(svc.host, svc.port):
+            raise LabError(
+                f"{svc.name}: {svc.host}:{svc.port} is taken by a process the lab did not start"
+            )
+        record = procs.start(paths.pids, paths.logs, svc.name, _argv(paths, svc.name))
+        _wait(svc, record.log)
+        progress(f"{svc.name}: started ({svc.describe}, pid {record.pid})")
+
+
+def stop_services(paths: LabPaths, progress: Progress) -> None:
+    """Stop the recorded services, last started first."""
+    for svc in reversed(services()):
+        if procs.stop(paths.pids, svc.name):
+            progress(f"{svc.name}: stopped")
+
+
+def services_status(paths: LabPaths) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = {}
+    for svc in services():
+        record = procs.read(paths.pids, svc.name)
+        running = procs.alive(record)
+        out[svc.name] = {
+            "up": running and svc.probe(),
+            "pid": record.pid if running and record else None,
+            "detail": svc.describe,
+        }
+    return out
