@@ -98,6 +98,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+release_option = click.option(
+    "--release", "release", metavar="NAME", help="Catalog release (default: the inventory's flagops_release)."
+)
 json_option = click.option("--json", "json_out", is_flag=True, help="Machine-readable output on stdout.")
 
 
@@ -123,7 +126,7 @@ def _resolve_inventory(inventory: str | None) -> str:
 
 @main.command()
 @click.argument("inventory", type=click.Path(dir_okay=False))
-@click.option("--release", "release", metavar="NAME", help="Catalog release (default: the inventory's flagops_release).")
+@release_option
 @json_option
 @handle_errors
 def validate(inventory: str, release: str | None, json_out: bool) -> None:
@@ -165,7 +168,7 @@ def render(release: str, inventory: str | None, out_dir: str, json_out: bool) ->
 
 @main.command()
 @click.argument("inventory", type=click.Path(dir_okay=False))
-@click.option("--release", "release", metavar="NAME", help="Catalog release (default: the inventory's flagops_release).")
+@release_option
 @click.option("--check", is_flag=True, help="Ansible check mode: report what would change.")
 @click.option("--diff", is_flag=True, help="Show file and template diffs.")
 @click.option("--tags", metavar="TAGS", help="Only run roles/tasks with these tags (comma-separated).")

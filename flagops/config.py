@@ -824,8 +824,9 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     model = rel.get("model") if isinstance(rel.get("model"), dict) else {}
     serve = rel.get("serve") if isinstance(rel.get("serve"), dict) else {}
     engine_args = serve.get("engine_args") if isinstance(serve.get("engine_args"), dict) else {}
-    specific = (serve.get("engine_args_specific") or {})
-    specific_vllm = specific.get("vllm") if isinstance(specific, dict) and isinstance(specific.get("vllm"), dict) else {}
+    specific = serve.get("engine_args_specific")
+    specific_vllm = specific.get("vllm") if isinstance(specific, dict) else None
+    specific_vllm = specific_vllm if isinstance(specific_vllm, dict) else {}
 
     name = model.get("name")
     if isinstance(name, str) and "model" in engine_args:

@@ -8,11 +8,10 @@ import json
 import os
 import sys
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from flagscale.runner.utils import parse_hostfile
 from flagscale.utils import flatten_dict_to_args
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 
 def read(conf_dir: str) -> dict:
@@ -51,4 +50,4 @@ def read(conf_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({name: read(path) for name, path in zip(sys.argv[1::2], sys.argv[2::2])}))
+    print(json.dumps({name: read(path) for name, path in zip(sys.argv[1::2], sys.argv[2::2], strict=True)}))
