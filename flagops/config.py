@@ -238,7 +238,8 @@ def _build(loader: Any, node: yaml.Node, pointer: str, doc: Doc, problems: list[
 
 
 def schema_dir() -> Path:
-    """schemas/ ships as flagops/schemas in a wheel and sits at the repo root in a checkout."""
+    """The repo's schemas/ (one source of truth, also read by the roles' argument specs);
+    ``flagops/schemas`` is honoured for a relocated package that ships a copy."""
     for cand in (PKG_DIR / "schemas", PKG_DIR.parent / "schemas"):
         if (cand / "release.schema.json").is_file():
             return cand
