@@ -33,9 +33,7 @@ PKG_DIR = Path(__file__).resolve().parent
 
 # Values FlagScale pastes unquoted into `export K=V`, `ssh ... "docker exec c bash -c '...'"`
 # and hostfile lines. Anything outside these sets could break out of the command.
-SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%-]*$")
 SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]*$")
 NIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}$")
@@ -817,17 +815,20 @@ def _check_command(value: str) -> str | None:
     return None
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a mapping, else {} (schema errors are reported separately)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem]) -> None:
     rel = doc.data
     if not isinstance(rel, dict):
         return
     _check_templates(doc, problems, secrets_allowed=False)
-    model = rel.get("model") if isinstance(rel.get("model"), dict) else {}
-    serve = rel.get("serve") if isinstance(rel.get("serve"), dict) else {}
-    engine_args = serve.get("engine_args") if isinstance(serve.get("engine_args"), dict) else {}
-    specific = serve.get("engine_args_specific")
-    specific_vllm = specific.get("vllm") if isinstance(specific, dict) else None
-    specific_vllm = specific_vllm if isinstance(specific_vllm, dict) else {}
+    model = _mapping(rel.get("model"))
+    serve = _mapping(rel.get("serve"))
+    engine_args = _mapping(serve.get("engine_args"))
+    specific_vllm = _mapping(_mapping(serve.get("engine_args_specific")).get("vllm"))
 
     name = model.get("name")
     if isinstance(name, str) and "model" in engine_args:
@@ -850,7 +851,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                              f"delete {key}, or write no_{key}: true to pass --no-{key.replace('_', '-')}")
                 )
 
-    runner = rel.get("runner") if isinstance(rel.get("runner"), dict) else {}
+    runner = _mapping(rel.get("runner"))
     for key in ("before_start", "after_stop"):
         value = runner.get(key)
         if isinstance(value, str):
@@ -861,7 +862,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                              "commands joined by ' && ', each one of: " + "; ".join(f for _, f in CMD_FORMS),
                              "use e.g. `source /root/miniconda3/bin/activate flagscale-inference`")
                 )
-    envs = runner.get("envs") if isinstance(runner.get("envs"), dict) else {}
+    envs = _mapping(runner.get("envs"))
     for key, value in envs.items():
         if isinstance(value, str) and not ENV_VALUE_RE.match(value):
             unsafe = _unsafe_chars(value)

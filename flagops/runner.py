@@ -203,7 +203,7 @@ class RichView:
         elif kind == "runner_on_start" and self.task is not None:
             self.task.hosts.setdefault(data.get("host", "?"), "running")
         elif kind in _HOST_EVENTS and self.task is not None:
-            res = data.get("res") if isinstance(data.get("res"), dict) else {}
+            res = _res(data)
             st = _HOST_EVENTS[kind]
             if st == "ok" and res.get("changed"):
                 st = "changed"
@@ -211,8 +211,10 @@ class RichView:
                 st = "ok"
             self.task.hosts[data.get("host", "?")] = st
             if kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
-                self.console.print(f"    [red]{data.get('host')}: {_failure_msg(res)}[/]",
-                                   markup=True, highlight=False)
+                from rich.text import Text
+
+                # Text, not markup: task output may contain [brackets].
+                self.console.print(Text(f"    {data.get('host')}: {_failure_msg(res)}", style="red"))
         elif kind == "playbook_on_stats":
             self._close_task()
 
@@ -232,7 +234,14 @@ class RichView:
         self.console.print(table)
         for f in result.failures:
             if f.get("host") is None:
-                self.console.print(f"[red]{f['msg']}[/]", markup=True, highlight=False)
+                from rich.text import Text
+
+                self.console.print(Text(str(f["msg"]), style="red"))
+
+
+def _res(event_data: dict[str, Any]) -> dict[str, Any]:
+    res = event_data.get("res")
+    return res if isinstance(res, dict) else {}
 
 
 def _failure_msg(res: dict[str, Any]) -> str:
@@ -398,7 +407,7 @@ def run_playbook(
             data = ev.get("event_data") or {}
             if data.get("ignore_errors"):
                 continue
-            res = data.get("res") if isinstance(data.get("res"), dict) else {}
+            res = _res(data)
             failures.append({"host": data.get("host"), "task": data.get("task"),
                              "msg": _failure_msg(res)})
     if r.rc and not failures:
