@@ -229,3 +229,20 @@ def test_render_cli_writes_three_files(tmp_path: Path) -> None:
     files = sorted(Path(p).relative_to(out).as_posix() for p in json.loads(result.stdout)["files"])
     assert files == ["hostfile.txt", "serve.yaml", "serve/300b.yaml"]
     assert (out / "hostfile.txt").read_text().splitlines()[-1] == "192.0.2.11 slots=8 type=gpu"
+
+
+@pytest.mark.parametrize("inventory", sorted((REPO / "inventories").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_inventory_validates_and_flagscale_reads_it(
+    inventory: Path, flagscale_site: Path, tmp_path: Path
+) -> None:
+    cfg = config.load(inventory)
+    root = tmp_path / "FlagScale"
+    conf = root / render.conf_dir(cfg)
+    render.write(cfg, conf)
+    got = _flagscale_read(flagscale_site, root, inv=conf)["inv"]
+    assert [h for h, _ in got["hosts"]] == [h.address for h in cfg.hosts]
+    assert [info["slots"] for _, info in got["hosts"]] == [h.slots for h in cfg.hosts]
+    assert {info["type"] for _, info in got["hosts"]} == {cfg.slot_type}
+    assert got["config"]["experiment"]["runner"]["docker"] == cfg.container_name
+    assert got["config"]["experiment"]["runner"]["ssh_port"] == cfg.ssh_port
+    assert got["vllm_command"][2] == f"/models/{cfg.release['model']['name']}"
