@@ -1,0 +1,87 @@
+"""Integration tests run against the real lab (`flagops lab up`), over real ssh.
+
+They use the developer's lab under ``$FLAGOPS_HOME`` (default ``~/.flagops``), the one
+``inventories/lab.yaml`` points at, not the per-test home of the unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flagops.lab.nodes import NODES, Node
+from flagops.lab.paths import LabPaths
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "lab: needs the local lab (`flagops lab up`); slow")
+
+
+@dataclass(frozen=True)
+class Lab:
+    paths: LabPaths
+    facts: dict[str, Any]
+
+    @staticmethod
+    def flagops(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The real CLI in a subprocess, as a user's shell runs it."""
+        argv = [sys.executable, "-m", "flagops", *args]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if check and done.returncode != 0:
+            tail = done.stderr[-3000:]
+            raise AssertionError(f"flagops {' '.join(args)} exited {done.returncode}:\n{tail}")
+        return done
+
+    def ssh_argv(self, node: Node, command: str) -> list[str]:
+        """ssh as root to ``node`` with the lab key; host keys come only from the pinned file."""
+        return [
+            "ssh",
+            "-i",
+            str(self.paths.ssh_key),
+            "-o",
+            f"UserKnownHostsFile={self.paths.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            f"root@{node.ip}",
+            command,
+        ]
+
+    def ssh(self, node: Node, command: str, timeout: float = 120) -> str:
+        """Run ``command`` (a shell line; quote values with shlex.quote) on ``node``; its stdout."""
+        argv = self.ssh_argv(node, command)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{node.hostname}$ {command}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+
+@pytest.fixture
+def flagops_home() -> Path:
+    """Overrides the unit tests' isolated home: the lab lives in the real one."""
+    home = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser()
+    os.environ["FLAGOPS_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def lab() -> Lab:
+    """`flagops lab up` once per session; its --json report holds the facts the tests check."""
+    done = Lab.flagops("lab", "up", "--json")
+    report = json.loads(done.stdout)
+    assert report["ok"], report
+    return Lab(LabPaths.default(), report)
+
+
+@pytest.fixture(params=NODES, ids=[n.hostname for n in NODES])
+def node(request: pytest.FixtureRequest) -> Node:
+    return request.param

@@ -1,0 +1,149 @@
+"""The lab is a real cluster: ssh, registry, shared storage, model and git servers, DinD.
+
+Run with ``pytest -m lab tests/integration`` (brings the lab up once; the last test
+takes it down and checks that nothing is left).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+import socket
+import subprocess
+import textwrap
+from typing import TYPE_CHECKING
+
+import pytest
+
+from flagops.lab import nodes, procs
+from flagops.lab.lab import IMAGE_REF
+from flagops.lab.nodes import NODES
+
+if TYPE_CHECKING:
+    from conftest import Lab
+
+quote = shlex.quote
+
+
+pytestmark = pytest.mark.lab
+
+NODE1, NODE2 = NODES
+
+
+def test_ssh_reaches_each_node(lab: Lab, node: nodes.Node) -> None:
+    assert lab.ssh(node, "hostname").strip() == node.hostname
+
+
+def test_known_hosts_pins_every_node(lab: Lab) -> None:
+    for node in NODES:
+        found = subprocess.run(
+            ["ssh-keygen", "-F", node.ip, "-f", str(lab.paths.known_hosts)],
+            capture_output=True,
+            text=True,
+        )
+        assert found.returncode == 0, f"{node.ip} not pinned in {lab.paths.known_hosts}"
+
+
+def test_node1_reaches_node2_over_ssh(lab: Lab) -> None:
+    command = f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes root@{NODE2.hostname} hostname"
+    assert lab.ssh(NODE1, command).strip() == NODE2.hostname
+
+
+def test_each_node_runs_its_own_dockerd(lab: Lab, node: nodes.Node) -> None:
+    info = lab.ssh(node, "docker info --format '{{.Name}} {{.Driver}} {{.DefaultRuntime}}'")
+    assert info.split() == [node.hostname, "overlay2", "lab-runc"]
+
+
+def test_node_pulls_from_registry(lab: Lab, node: nodes.Node) -> None:
+    lab.ssh(node, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    inspect = f"docker image inspect --format '{{{{json .RepoDigests}}}}' {quote(IMAGE_REF)}"
+    digests = lab.ssh(node, inspect)
+    assert f"{IMAGE_REF.rsplit(':', 1)[0]}@{lab.facts['image_digest']}" in json.loads(digests)
+
+
+def test_share_is_shared(lab: Lab) -> None:
+    nonce = secrets.token_hex(8)
+    path = f"/share/.lab-test-{nonce}"
+    lab.ssh(NODE1, f"echo {quote(nonce)} > {quote(path)}")
+    try:
+        assert lab.ssh(NODE2, f"cat {quote(path)}").strip() == nonce
+        assert (lab.paths.share / f".lab-test-{nonce}").read_text().strip() == nonce
+    finally:
+        lab.ssh(NODE2, f"rm -f {quote(path)}")
+
+
+RANGE_PROBE = textwrap.dedent("""
+    import hashlib, json, sys, urllib.request
+    base = sys.argv[1]
+    manifest = json.load(urllib.request.urlopen(base + "manifest.json"))
+    entry = manifest["files"][0]
+    request = urllib.request.Request(base + entry["path"], headers={"Range": "bytes=0-15"})
+    with urllib.request.urlopen(request) as resp:
+        print(json.dumps({"status": resp.status, "range": resp.headers["Content-Range"],
+                          "head": resp.read().hex(), "path": entry["path"], "size": entry["size"]}))
+""")
+
+
+def test_model_server_serves_manifest_and_ranges(lab: Lab, node: nodes.Node) -> None:
+    out = lab.ssh(node, f"python3 -c {quote(RANGE_PROBE)} {quote(lab.facts['model_url'])}")
+    got = json.loads(out)
+    assert got["status"] == 206
+    assert got["range"] == f"bytes 0-15/{got['size']}"
+    local = lab.paths.published / lab.facts["model"] / got["path"]
+    assert bytes.fromhex(got["head"]) == local.read_bytes()[:16]
+
+
+def test_git_server_serves_flagscale(lab: Lab, node: nodes.Node) -> None:
+    refs = lab.ssh(node, f"git ls-remote {quote(lab.facts['flagscale_repo'])} HEAD")
+    assert refs.split()[0] == lab.facts["flagscale_commit"]
+
+
+def test_privileged_container_runs_in_node(lab: Lab) -> None:
+    lab.ssh(NODE1, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    inner = "mount -t tmpfs lab /mnt && grep CapEff /proc/self/status"
+    run = f"docker run --rm --privileged --net=host {quote(IMAGE_REF)} sh -c {quote(inner)}"
+    out = lab.ssh(NODE1, run)
+    assert "CapEff" in out  # a privileged mount succeeded inside a container inside the node
+
+
+def test_status_reports_every_component_up(lab: Lab) -> None:
+    report = json.loads(lab.flagops("lab", "status", "--json").stdout)
+    assert report["ok"], report
+    assert set(report["services"]) == {"registry", "registry-forward", "model-server", "git-server"}
+
+
+def _node_identity(lab: Lab) -> dict[str, tuple[str, str]]:
+    """Per node: its container id and its dockerd pid (both change if anything restarts)."""
+    return {
+        n.hostname: (
+            (lab.paths.node_dir(n.hostname) / "container-id").read_text(),
+            lab.ssh(n, "cat /var/run/docker.pid"),
+        )
+        for n in NODES
+    }
+
+
+def test_up_again_is_warm_and_keeps_nodes(lab: Lab) -> None:
+    before = _node_identity(lab)
+    report = json.loads(lab.flagops("lab", "up", "--json").stdout)
+    assert report["seconds"] <= 30, report["steps"]
+    assert _node_identity(lab) == before
+
+
+def test_down_leaves_nothing(lab: Lab) -> None:
+    """Last: `lab down` removes containers, network, processes and cgroup dirs."""
+    running = [procs.read(lab.paths.pids, name) for name in procs.names(lab.paths.pids)]
+    ids = [(lab.paths.node_dir(n.hostname) / "container-id").read_text().strip() for n in NODES]
+    report = json.loads(lab.flagops("lab", "down", "--json").stdout)
+    assert report["left"] == {"containers": [], "networks": [], "processes": [], "cgroups": []}
+    for record in running:
+        assert not procs.alive(record), f"{record.name} (pid {record.pid}) still runs"
+    for container_id in ids:
+        assert nodes.stale_cgroup_dirs(container_id) == []
+    assert subprocess.run(["ip", "link", "show", nodes.BRIDGE], capture_output=True).returncode != 0
+    for port in (5000, 8090, 9418):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    status = json.loads(lab.flagops("lab", "status", "--json", check=False).stdout)
+    assert not status["ok"] and not status["network"]["up"]
