@@ -392,6 +392,9 @@ class Host:
     port: int
     user: str | None
     nic: str | None
+    # How flagops' own SSH (status, logs, verify) reaches the host, as Ansible does.
+    ssh_key_file: str | None = None
+    ssh_common_args: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1014,6 +1017,8 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
             port=hv.get("ansible_port", (22, ""))[0],
             user=hv.get("ansible_user", (None, ""))[0],
             nic=hv.get("flagops_nic", (None, ""))[0],
+            ssh_key_file=hv.get("ansible_ssh_private_key_file", (None, ""))[0],
+            ssh_common_args=hv.get("ansible_ssh_common_args", (None, ""))[0],
         )
         for name, role, hv in inv.hosts
     )
