@@ -67,7 +67,7 @@ class Nodes:
         import paramiko
         from fabric import Connection
 
-        kwargs: dict[str, Any] = {"timeout": self.timeout, "banner_timeout": self.timeout, "auth_timeout": self.timeout}
+        kwargs: dict[str, Any] = {"banner_timeout": self.timeout, "auth_timeout": self.timeout}
         if host.ssh_key_file:
             kwargs["key_filename"] = os.path.expanduser(host.ssh_key_file)
         conn = Connection(host.address, user=host.user or "root", port=host.port, connect_kwargs=kwargs,

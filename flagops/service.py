@@ -118,6 +118,8 @@ def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
     """The recorded serve process on the master: recorded? alive (same start time)?"""
     m = nodes.master.name
     rec = nodes.run(["cat", state_file(cfg)], [m])[m]
+    if rec.rc == 255:
+        return {"recorded": None, "alive": False, "reason": f"unknown: {rec.stderr.strip()}"}
     if not rec.ok:
         return {"recorded": False, "alive": False, "reason": "no service recorded by flagops"}
     try:
@@ -287,6 +289,7 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
 
     problems: list[str] = []
+    unreachable = [h for h, c in ctr.items() if not c.get("reachable", True)]
     for host, c in ctr.items():
         if not c.get("running"):
             problems.append(f"{host}: container {cfg.container_name} not running ({c.get('reason') or c.get('status')})")
@@ -295,7 +298,9 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     if member["missing"] and not member["error"]:
         problems.append("Ray is missing " + ", ".join(member["missing"]))
 
-    if not proc["recorded"] and health[0] == 0 and not any(v["member"] for v in member["hosts"].values()):
+    if unreachable:
+        state = "UNREACHABLE"  # never report STOPPED for a node flagops could not ask
+    elif not proc["recorded"] and health[0] == 0 and not any(v["member"] for v in member["hosts"].values()):
         state = "STOPPED"
     elif problems:
         state = "DEGRADED"

@@ -14,7 +14,7 @@ from flagops.cli import _emit_json, _resolve_inventory, extravars_for, handle_er
 from flagops.errors import FlagopsError, RunError
 
 STATE_STYLE = {"SERVING": "green", "MODEL_LISTED": "yellow", "LOADING": "yellow", "RAY_READY": "yellow",
-               "RAY_FORMING": "yellow", "DEGRADED": "red", "STOPPED": "dim"}
+               "RAY_FORMING": "yellow", "DEGRADED": "red", "UNREACHABLE": "red", "STOPPED": "dim"}
 
 
 def _load(inventory: str | None, release: str | None) -> Any:
