@@ -29,13 +29,12 @@ HOST_TOOLS = {
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
 }
-_PACKAGE_OF_PATH = {"nginx": "/usr/sbin/nginx", "dockerd": "/usr/sbin/dockerd"}
+# Executables in sbin, which a non-root PATH may lack.
+_SBIN_PATHS = {"nginx": "/usr/sbin/nginx", "dockerd": "/usr/sbin/dockerd"}
 
 
 def _have(tool: str) -> bool:
-    return shutil.which(tool) is not None or os.access(
-        _PACKAGE_OF_PATH.get(tool, "/nonexistent"), os.X_OK
-    )
+    return shutil.which(tool) is not None or os.access(_SBIN_PATHS.get(tool, "/nonexistent"), os.X_OK)
 
 
 def missing_tools(tools: list[str] | None = None) -> list[str]:
@@ -52,9 +51,7 @@ def ensure_apt_packages(tools: list[str], progress: Progress) -> None:
     if not packages:
         return
     if os.geteuid() != 0:
-        raise LabError(
-            f"missing host packages {', '.join(packages)}; apt-get install them or run as root"
-        )
+        raise LabError(f"missing host packages {', '.join(packages)}; apt-get install them or run as root")
     progress(f"host: apt-get install {' '.join(packages)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
@@ -63,10 +60,7 @@ def ensure_apt_packages(tools: list[str], progress: Progress) -> None:
     ):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise LabError(
-                f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
-            )
+            raise LabError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
@@ -105,9 +99,7 @@ def engine_argv(paths: LabPaths) -> list[str]:
     host = os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
     if host != DEFAULT_SOCKET:
         if not host.startswith("unix://"):
-            raise LabError(
-                f"DOCKER_HOST={host} answers nothing and is not a local socket the lab could serve"
-            )
+            raise LabError(f"DOCKER_HOST={host} answers nothing and is not a local socket the lab could serve")
         argv += [
             f"--host={host}",
             f"--data-root={paths.root / 'engine' / 'data'}",
@@ -116,9 +108,7 @@ def engine_argv(paths: LabPaths) -> list[str]:
     return argv
 
 
-def ensure_engine(
-    paths: LabPaths, progress: Progress, timeout: float = 60.0
-) -> docker.DockerClient:
+def ensure_engine(paths: LabPaths, progress: Progress, timeout: float = 60.0) -> docker.DockerClient:
     """The engine to use: the one that answers, or a dockerd the lab starts and records."""
     client = connect()
     if client is not None:
@@ -148,9 +138,7 @@ def stop_engine(paths: LabPaths, client: docker.DockerClient | None, progress: P
         procs.stop(paths.pids, ENGINE_PROC)  # drop a stale record
         return
     if client is not None:
-        foreign = [
-            c.name for c in client.containers.list() if c.labels.get("io.flagops.lab") != "1"
-        ]
+        foreign = [c.name for c in client.containers.list() if c.labels.get("io.flagops.lab") != "1"]
         if foreign:
             progress(f"engine: left running, it has other containers: {', '.join(foreign)}")
             return

@@ -26,9 +26,7 @@ from flagops.lab.paths import LabPaths
 
 IMAGE_REPO = "flagrelease/flagrelease"
 IMAGE_TAG = "lab"
-IMAGE_REF = (
-    f"{services.GATEWAY}:{services.REGISTRY_PORT}/{IMAGE_REPO}:{IMAGE_TAG}"  # what nodes pull
-)
+IMAGE_REF = f"{services.GATEWAY}:{services.REGISTRY_PORT}/{IMAGE_REPO}:{IMAGE_TAG}"  # what nodes pull
 PUSH_REPO = f"{services.LOOPBACK}:{services.REGISTRY_PORT}/{IMAGE_REPO}"  # same registry, host side
 MODEL_NAME = "ERNIE-4.5-tiny-MoE"
 FACTS_FILE = "lab.json"
@@ -62,20 +60,19 @@ class _Steps:
 
 def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
     """Bring the whole lab up; returns facts and per-step seconds."""
-    from flagops.lab.flagos_image import ensure_image
-    from flagops.lab.flagscale_repo import ensure_repo
-    from flagops.lab.tiny_model import ensure_model
+    try:
+        from flagops.lab.flagos_image import ensure_image
+        from flagops.lab.flagscale_repo import ensure_repo
+        from flagops.lab.tiny_model import ensure_model
+    except ImportError as exc:
+        raise LabError(f"this checkout lacks a lab builder ({exc.name}); cannot bring the lab up") from exc
 
     started = time.monotonic()
     steps = _Steps(progress)
     with _lab_lock(paths):
-        steps.run(
-            "host_packages", lambda: engine.ensure_apt_packages(engine.missing_tools(), progress)
-        )
+        steps.run("host_packages", lambda: engine.ensure_apt_packages(engine.missing_tools(), progress))
         client = steps.run("engine", lambda: engine.ensure_engine(paths, progress))
-        node_image = steps.run(
-            "node_image", lambda: nodes.ensure_node_image(client, paths, progress)
-        )
+        node_image = steps.run("node_image", lambda: nodes.ensure_node_image(client, paths, progress))
         steps.run("ssh_keys", lambda: nodes.ensure_ssh_keys(paths))
         steps.run("network", lambda: nodes.ensure_network(client, progress))
         steps.run("services", lambda: services.ensure_services(paths, progress))
@@ -103,9 +100,7 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
 
 def _registry_digest() -> str | None:
     """The digest the lab registry holds for ``flagrelease/flagrelease:lab``, if any."""
-    url = (
-        f"http://{services.LOOPBACK}:{services.REGISTRY_PORT}/v2/{IMAGE_REPO}/manifests/{IMAGE_TAG}"
-    )
+    url = f"http://{services.LOOPBACK}:{services.REGISTRY_PORT}/v2/{IMAGE_REPO}/manifests/{IMAGE_TAG}"
     accept = "application/vnd.docker.distribution.manifest.v2+json"
     request = urllib.request.Request(url, method="HEAD", headers={"Accept": accept})
     try:
@@ -147,9 +142,7 @@ def down(paths: LabPaths, progress: Progress, purge: bool = False) -> dict[str, 
         if purge:
             for child in paths.root.iterdir():
                 if child.name != "lock":
-                    shutil.rmtree(
-                        child
-                    ) if child.is_dir() and not child.is_symlink() else child.unlink()
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             progress(f"purged {paths.root}")
     return {"ok": True, "purged": purge, "left": leftovers(paths)}
 
@@ -174,9 +167,7 @@ def leftovers(paths: LabPaths) -> dict[str, list[str]]:
         label = {"label": f"{nodes.LAB_LABEL}=1"}
         out["containers"] = [c.name for c in client.containers.list(all=True, filters=label)]
         out["networks"] = [n.name for n in client.networks.list(filters=label)]
-    out["processes"] = [
-        n for n in procs.names(paths.pids) if procs.alive(procs.read(paths.pids, n))
-    ]
+    out["processes"] = [n for n in procs.names(paths.pids) if procs.alive(procs.read(paths.pids, n))]
     for node in nodes.NODES:
         id_file = paths.node_dir(node.hostname) / "container-id"
         if id_file.exists():

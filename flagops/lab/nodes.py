@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import os
+import socket
 import subprocess
 import tarfile
 import time
@@ -129,9 +130,7 @@ def ensure_network(client: docker.DockerClient, progress: Progress) -> None:
     try:
         net = client.networks.get(NETWORK)
     except docker.errors.NotFound:
-        ipam = docker.types.IPAMConfig(
-            pool_configs=[docker.types.IPAMPool(subnet=SUBNET, gateway=GATEWAY)]
-        )
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=SUBNET, gateway=GATEWAY)])
         client.networks.create(
             NETWORK,
             driver="bridge",
@@ -143,9 +142,7 @@ def ensure_network(client: docker.DockerClient, progress: Progress) -> None:
         return
     configs = net.attrs.get("IPAM", {}).get("Config") or []
     if not any(c.get("Subnet") == SUBNET for c in configs):
-        raise LabError(
-            f"network {NETWORK} exists with {configs}, not {SUBNET}; remove it (`flagops lab down`)"
-        )
+        raise LabError(f"network {NETWORK} exists with {configs}, not {SUBNET}; remove it (`flagops lab down`)")
 
 
 def remove_network(client: docker.DockerClient, progress: Progress) -> None:
@@ -263,9 +260,7 @@ def _create(client: docker.DockerClient, image: str, paths: LabPaths, node: Node
     api.start(created["Id"])
 
 
-def ensure_nodes(
-    client: docker.DockerClient, image: str, paths: LabPaths, progress: Progress
-) -> None:
+def ensure_nodes(client: docker.DockerClient, image: str, paths: LabPaths, progress: Progress) -> None:
     """Create/start both nodes (recreating one of another image); wait for sshd and dockerd."""
     for node in NODES:
         found = _find(client, node)
@@ -291,8 +286,6 @@ def node_exec(client: docker.DockerClient, node: Node, argv: list[str]) -> tuple
 
 def _ready(client: docker.DockerClient, node: Node) -> tuple[bool, str]:
     """sshd answers on the node's address and the node's dockerd answers inside it."""
-    import socket
-
     try:
         with socket.create_connection((node.ip, 22), timeout=1) as s:
             banner = s.recv(64).decode(errors="replace")
@@ -300,9 +293,7 @@ def _ready(client: docker.DockerClient, node: Node) -> tuple[bool, str]:
         return False, f"sshd: {exc}"
     if not banner.startswith("SSH-"):
         return False, f"sshd: unexpected banner {banner!r}"
-    rc, out = node_exec(
-        client, node, ["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}}"]
-    )
+    rc, out = node_exec(client, node, ["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}}"])
     return rc == 0, out.strip()
 
 
@@ -387,8 +378,6 @@ def nodes_status(client: docker.DockerClient, paths: LabPaths) -> dict[str, dict
                 entry["up"], entry["detail"] = ok, detail
         id_file = paths.node_dir(node.hostname) / "container-id"
         if container is None and id_file.exists():
-            entry["stale_cgroups"] = [
-                str(d) for d in stale_cgroup_dirs(id_file.read_text().strip())
-            ]
+            entry["stale_cgroups"] = [str(d) for d in stale_cgroup_dirs(id_file.read_text().strip())]
         out[node.hostname] = entry
     return out
