@@ -44,9 +44,7 @@ def up(json_out: bool) -> None:
 
 
 @lab.command()
-@click.option(
-    "--purge", is_flag=True, help="Also remove caches: lab images, registry data, the lab dir."
-)
+@click.option("--purge", is_flag=True, help="Also remove caches: lab images, registry data, the lab dir.")
 @json_option
 @handle_errors
 def down(purge: bool, json_out: bool) -> None:

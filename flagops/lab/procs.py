@@ -57,9 +57,7 @@ def start(pids_dir: Path, log_dir: Path, name: str, argv: list[str]) -> ProcReco
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     ticks = _start_ticks(proc.pid)
     if ticks is None:
         raise LabError(f"{name}: {argv[0]} exited at once; see {log}")

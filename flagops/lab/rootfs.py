@@ -78,11 +78,7 @@ def host_mirrors(suite: str, apt_dir: Path = APT_SOURCES) -> list[str]:
             for uri in fields.get("uris", "").split():
                 for s in fields.get("suites", "").split():
                     entries.append((uri, s, fields.get("components", "main")))
-    wanted = [
-        f"deb {uri} {s} {comps}"
-        for uri, s, comps in entries
-        if s == suite or s.startswith(suite + "-")
-    ]
+    wanted = [f"deb {uri} {s} {comps}" for uri, s, comps in entries if s == suite or s.startswith(suite + "-")]
     return list(dict.fromkeys(wanted))
 
 
@@ -156,9 +152,7 @@ def build_base_image(
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             'CMD ["/bin/bash"]',
         ]
-        out = client.api.import_image_from_file(
-            str(tarball), repository=repo, tag=version or "latest", changes=changes
-        )
+        out = client.api.import_image_from_file(str(tarball), repository=repo, tag=version or "latest", changes=changes)
     finally:
         tarball.unlink(missing_ok=True)
     image = find_image(client, key)

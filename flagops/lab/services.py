@@ -172,9 +172,7 @@ def ensure_services(paths: LabPaths, progress: Progress) -> None:
             continue
         procs.stop(paths.pids, svc.name)  # a dead or wedged record
         if _tcp_open(svc.host, svc.port):
-            raise LabError(
-                f"{svc.name}: {svc.host}:{svc.port} is taken by a process the lab did not start"
-            )
+            raise LabError(f"{svc.name}: {svc.host}:{svc.port} is taken by a process the lab did not start")
         record = procs.start(paths.pids, paths.logs, svc.name, _argv(paths, svc.name))
         _wait(svc, record.log)
         progress(f"{svc.name}: started ({svc.describe}, pid {record.pid})")
