@@ -21,7 +21,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from flagops.lab import LabError, Progress, engine, nodes, services
+from flagops.lab import LabError, Progress, engine, nodes, procs, services
 from flagops.lab.paths import LabPaths
 
 IMAGE_REPO = "flagrelease/flagrelease"
@@ -141,8 +141,12 @@ def down(paths: LabPaths, progress: Progress, purge: bool = False) -> dict[str, 
         engine.stop_engine(paths, client, progress)
         if purge:
             for child in paths.root.iterdir():
-                if child.name != "lock":
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.name == "lock":
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
             progress(f"purged {paths.root}")
     return {"ok": True, "purged": purge, "left": leftovers(paths)}
 
@@ -159,8 +163,6 @@ def _remove_lab_images(client: docker.DockerClient, progress: Progress) -> None:
 
 def leftovers(paths: LabPaths) -> dict[str, list[str]]:
     """What a clean `lab down` must not leave: containers, networks, processes, cgroup dirs."""
-    from flagops.lab import procs
-
     out: dict[str, list[str]] = {"containers": [], "networks": [], "processes": [], "cgroups": []}
     client = engine.connect()
     if client is not None:
