@@ -9,7 +9,7 @@ WHEEL_CACHE ?= .cache/wheels
 COLLECTIONS_DIR := .ansible/collections/ansible_collections
 COLLECTIONS := community/docker ansible/posix
 
-.PHONY: setup venv collections test-unit
+.PHONY: setup venv collections test-unit test test-lab quickstart lab-down
 
 setup: venv collections
 
@@ -44,3 +44,23 @@ collections: venv
 
 test-unit: venv
 	$(PY) -m pytest tests/unit
+
+# The whole suite: unit tests, then the lab (brought up here, torn down at the end,
+# with a test that the tear-down left nothing), every role's molecule scenario,
+# provision/deploy/verify end to end and the fault tests.
+test: setup
+	$(PY) -m pytest tests/unit -q
+	$(MAKE) test-lab
+
+test-lab: setup
+	$(PY) -m pytest tests/integration -q -x -p no:cacheprovider
+
+# The README's newcomer path on the embedded default: the lab.
+quickstart: setup
+	$(VENV)/bin/flagops lab up
+	$(VENV)/bin/flagops provision inventories/lab.yaml
+	$(VENV)/bin/flagops deploy ernie45
+	$(VENV)/bin/flagops verify
+
+lab-down:
+	$(VENV)/bin/flagops lab down

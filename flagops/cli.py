@@ -150,15 +150,22 @@ def validate(inventory: str, release: str | None, json_out: bool) -> None:
 @click.argument("release")
 @click.option("-i", "--inventory", type=click.Path(dir_okay=False), help="Inventory (default: the last one used).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--ansible-vars", "ansible_vars", type=click.Path(dir_okay=False),
+              help="Also write the extra vars the playbooks get (for molecule or ansible-playbook -e @FILE).")
 @json_option
 @handle_errors
-def render(release: str, inventory: str | None, out_dir: str, json_out: bool) -> None:
+def render(release: str, inventory: str | None, out_dir: str, ansible_vars: str | None, json_out: bool) -> None:
     """Write hostfile.txt, serve.yaml and serve/<variant>.yaml for RELEASE into DIR."""
+    from pathlib import Path
+
     from flagops import config
     from flagops import render as render_mod
 
     cfg = config.load(_resolve_inventory(inventory), release)
     written = render_mod.write(cfg, out_dir)
+    if ansible_vars:
+        Path(ansible_vars).write_text(json.dumps(extravars_for(cfg), indent=1, sort_keys=True))
+        written.append(Path(ansible_vars))
     if json_out:
         _emit_json({"ok": True, "release": cfg.release_name, "files": [str(p) for p in written]})
     else:

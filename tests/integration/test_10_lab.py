@@ -129,21 +129,3 @@ def test_up_again_is_warm_and_keeps_nodes(lab: Lab) -> None:
     report = json.loads(lab.flagops("lab", "up", "--json").stdout)
     assert report["seconds"] <= 30, report["steps"]
     assert _node_identity(lab) == before
-
-
-def test_down_leaves_nothing(lab: Lab) -> None:
-    """Last: `lab down` removes containers, network, processes and cgroup dirs."""
-    running = [procs.read(lab.paths.pids, name) for name in procs.names(lab.paths.pids)]
-    ids = [(lab.paths.node_dir(n.hostname) / "container-id").read_text().strip() for n in NODES]
-    report = json.loads(lab.flagops("lab", "down", "--json").stdout)
-    assert report["left"] == {"containers": [], "networks": [], "processes": [], "cgroups": []}
-    for record in running:
-        assert not procs.alive(record), f"{record.name} (pid {record.pid}) still runs"
-    for container_id in ids:
-        assert nodes.stale_cgroup_dirs(container_id) == []
-    assert subprocess.run(["ip", "link", "show", nodes.BRIDGE], capture_output=True).returncode != 0
-    for port in (5000, 8090, 9418):
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    status = json.loads(lab.flagops("lab", "status", "--json", check=False).stdout)
-    assert not status["ok"] and not status["network"]["up"]
