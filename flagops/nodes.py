@@ -12,9 +12,9 @@ values never reach a shell unquoted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
-import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,8 +70,9 @@ class Nodes:
         kwargs: dict[str, Any] = {"banner_timeout": self.timeout, "auth_timeout": self.timeout}
         if host.ssh_key_file:
             kwargs["key_filename"] = os.path.expanduser(host.ssh_key_file)
-        conn = Connection(host.address, user=host.user or "root", port=host.port, connect_kwargs=kwargs,
-                          connect_timeout=self.timeout)
+        conn = Connection(
+            host.address, user=host.user or "root", port=host.port, connect_kwargs=kwargs, connect_timeout=self.timeout
+        )
         conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         for f in _known_hosts_files(host.ssh_common_args or ""):
             if os.path.exists(f):
@@ -79,32 +80,40 @@ class Nodes:
         self._conns[host.name] = conn
         return conn
 
-    def run(self, argv: Sequence[str], hosts: Sequence[str] | None = None, timeout: float | None = None) -> dict[str, Result]:
+    def run(
+        self, argv: Sequence[str], hosts: Sequence[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Result]:
         """Run one argv on several hosts at once; connection errors become rc 255."""
         names = list(hosts) if hosts is not None else list(self.hosts)
         cmd = shlex.join(argv)
 
         def one(name: str) -> Result:
             try:
-                r = self._connection(self.hosts[name]).run(cmd, hide=True, warn=True, timeout=timeout or 30,
-                                                           in_stream=False)
+                r = self._connection(self.hosts[name]).run(
+                    cmd, hide=True, warn=True, timeout=timeout or 30, in_stream=False
+                )
                 return Result(name, r.exited, r.stdout, r.stderr)
-            except (OSError, socket.timeout, EOFError) as exc:
+            except (TimeoutError, OSError, EOFError) as exc:
                 return Result(name, 255, "", f"ssh to {self.hosts[name].address}:{self.hosts[name].port}: {exc}")
             except Exception as exc:  # paramiko/invoke raise many types; report, never crash status
                 kind = type(exc).__name__
-                return Result(name, 255, "", f"ssh to {self.hosts[name].address}:{self.hosts[name].port}: {kind}: {exc}")
+                return Result(
+                    name, 255, "", f"ssh to {self.hosts[name].address}:{self.hosts[name].port}: {kind}: {exc}"
+                )
 
         if len(names) == 1:
             return {names[0]: one(names[0])}
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            return dict(zip(names, pool.map(one, names)))
+            return dict(zip(names, pool.map(one, names), strict=True))
 
-    def docker_exec(self, argv: Sequence[str], hosts: Sequence[str] | None = None, timeout: float | None = None) -> dict[str, Result]:
+    def docker_exec(
+        self, argv: Sequence[str], hosts: Sequence[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Result]:
         return self.run(["docker", "exec", self.cfg.container_name, *argv], hosts, timeout)
 
-    def shell_in_container(self, script: str, *args: str, hosts: Sequence[str] | None = None,
-                           timeout: float | None = None) -> dict[str, Result]:
+    def shell_in_container(
+        self, script: str, *args: str, hosts: Sequence[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Result]:
         """``bash -c SCRIPT name ARGS...`` in the container: values travel as positional args."""
         return self.docker_exec(["bash", "-c", script, "flagops", *args], hosts, timeout)
 
@@ -117,10 +126,8 @@ class Nodes:
 
     def close(self) -> None:
         for c in self._conns.values():
-            try:
+            with contextlib.suppress(Exception):
                 c.close()
-            except Exception:
-                pass
         self._conns.clear()
 
     def __enter__(self) -> Nodes:
@@ -128,4 +135,3 @@ class Nodes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -103,15 +103,28 @@ def ray_membership(cfg: Config, info: dict[str, Any]) -> dict[str, Any]:
     per_host = {}
     for h in cfg.hosts:
         n = alive.get(h.address)
-        per_host[h.name] = {"member": n is not None, key: (n or {}).get("resources", {}).get(key, 0.0),
-                            "expected": {key: h.slots}}
+        per_host[h.name] = {
+            "member": n is not None,
+            key: (n or {}).get("resources", {}).get(key, 0.0),
+            "expected": {key: h.slots},
+        }
     by_name = {h.name: h for h in cfg.hosts}
-    missing = [f"{name} ({by_name[name].address}, {by_name[name].slots} {key})"
-               for name, v in per_host.items() if not v["member"]]
+    missing = [
+        f"{name} ({by_name[name].address}, {by_name[name].slots} {key})"
+        for name, v in per_host.items()
+        if not v["member"]
+    ]
     total = sum(v[key] for v in per_host.values())
     want = sum(h.slots for h in cfg.hosts)
-    return {"hosts": per_host, "missing": missing, "total": total, "expected_total": want, "resource": key,
-            "ready": not missing and total >= want and "error" not in info, "error": info.get("error")}
+    return {
+        "hosts": per_host,
+        "missing": missing,
+        "total": total,
+        "expected_total": want,
+        "resource": key,
+        "ready": not missing and total >= want and "error" not in info,
+        "error": info.get("error"),
+    }
 
 
 def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
@@ -126,15 +139,24 @@ def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
         st = json.loads(rec.stdout)
     except ValueError:
         return {"recorded": False, "alive": False, "reason": "unreadable service record"}
-    r = nodes.shell_in_container(PROC_TREE.read_text(), "alive", str(st["pid"]), str(st.get("pid_start", "")),
-                                 hosts=[m])[m]
-    return {"recorded": True, "alive": r.rc == 0, "pid": st["pid"], "started_at": st.get("started_at"),
-            "fingerprint": st.get("fingerprint"), "reason": r.stdout.strip() or r.stderr.strip()}
+    r = nodes.shell_in_container(
+        PROC_TREE.read_text(), "alive", str(st["pid"]), str(st.get("pid_start", "")), hosts=[m]
+    )[m]
+    return {
+        "recorded": True,
+        "alive": r.rc == 0,
+        "pid": st["pid"],
+        "started_at": st.get("started_at"),
+        "fingerprint": st.get("fingerprint"),
+        "reason": r.stdout.strip() or r.stderr.strip(),
+    }
 
 
 def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
-    script = ('docker inspect --format "{{json .State}}|{{json .Config.Labels}}|{{.Image}}" "$1" && '
-              'docker image inspect --format "{{json .RepoDigests}}" "$(docker inspect --format "{{.Image}}" "$1")"')
+    script = (
+        'docker inspect --format "{{json .State}}|{{json .Config.Labels}}|{{.Image}}" "$1" && '
+        'docker image inspect --format "{{json .RepoDigests}}" "$(docker inspect --format "{{.Image}}" "$1")"'
+    )
     res = nodes.run(["bash", "-c", script, "flagops", cfg.container_name])
     out: dict[str, Any] = {}
     for host, r in res.items():
@@ -147,9 +169,14 @@ def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
         first, digests = r.stdout.strip().splitlines()[:2]
         state, labels, image_id = first.split("|", 2)
         st = json.loads(state)
-        out[host] = {"reachable": True, "running": bool(st.get("Running")), "status": st.get("Status"),
-                     "managed": (json.loads(labels) or {}).get("io.flagops.managed") == "true",
-                     "image_id": image_id, "digests": json.loads(digests) or []}
+        out[host] = {
+            "reachable": True,
+            "running": bool(st.get("Running")),
+            "status": st.get("Status"),
+            "managed": (json.loads(labels) or {}).get("io.flagops.managed") == "true",
+            "image_id": image_id,
+            "digests": json.loads(digests) or [],
+        }
     return out
 
 
@@ -177,7 +204,9 @@ class Readiness:
         return asdict(self)
 
 
-def _wait(check: Callable[[], tuple[bool, str]], timeout: float, alive: Callable[[], tuple[bool, str]]) -> tuple[bool, str, float]:
+def _wait(
+    check: Callable[[], tuple[bool, str]], timeout: float, alive: Callable[[], tuple[bool, str]]
+) -> tuple[bool, str, float]:
     t0 = time.monotonic()
     next_alive = t0
     detail = ""
@@ -196,8 +225,9 @@ def _wait(check: Callable[[], tuple[bool, str]], timeout: float, alive: Callable
         time.sleep(POLL_S)
 
 
-def wait_ready(cfg: Config, nodes: Nodes, timeouts: dict[str, float] | None = None,
-               on_stage: Callable[[Stage], None] | None = None) -> Readiness:
+def wait_ready(
+    cfg: Config, nodes: Nodes, timeouts: dict[str, float] | None = None, on_stage: Callable[[Stage], None] | None = None
+) -> Readiness:
     t = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
     res = Readiness()
     base = endpoint(cfg)
@@ -226,8 +256,9 @@ def wait_ready(cfg: Config, nodes: Nodes, timeouts: dict[str, float] | None = No
         return model in ids, f"models: {ids}"
 
     def serving() -> tuple[bool, str]:
-        code, body = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1,
-                                                      "temperature": 0}, timeout=60)
+        code, body = _http(
+            base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}, timeout=60
+        )
         return code == 200, f"one-token completion -> {code or body}"
 
     plan = [("RAY_READY", ray_ok), ("LOADING", health), ("MODEL_LISTED", listed), ("SERVING", serving)]
@@ -255,8 +286,10 @@ def failure_logs(cfg: Config, nodes: Nodes, lines: int = 30) -> dict[str, str]:
     r = nodes.run(["tail", "-n", str(lines), serve_log(cfg)], [m])[m]
     out[f"{m}: flagscale output"] = r.stdout if r.ok else r.stderr
     ray = nodes.shell_in_container(
-        'for f in raylet.out raylet.err; do p=/tmp/ray/session_latest/logs/$f; [ -f "$p" ] && { echo "== $f"; tail -n "$1" "$p"; }; done; true',
-        str(lines // 2))
+        "for f in raylet.out raylet.err; do p=/tmp/ray/session_latest/logs/$f; "
+        '[ -f "$p" ] && { echo "== $f"; tail -n "$1" "$p"; }; done; true',
+        str(lines // 2),
+    )
     for host, rr in ray.items():
         if host != m:
             out[f"{host}: ray logs"] = rr.stdout or rr.stderr
@@ -292,7 +325,9 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     unreachable = [h for h, c in ctr.items() if not c.get("reachable", True)]
     for host, c in ctr.items():
         if not c.get("running"):
-            problems.append(f"{host}: container {cfg.container_name} not running ({c.get('reason') or c.get('status')})")
+            problems.append(
+                f"{host}: container {cfg.container_name} not running ({c.get('reason') or c.get('status')})"
+            )
     if proc["recorded"] and not proc["alive"]:
         problems.append(f"serve process {proc.get('pid')} is gone ({proc['reason']})")
     if member["missing"] and not member["error"]:
@@ -317,12 +352,23 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
 
     per_node = {}
     for h in cfg.hosts:
-        per_node[h.name] = {"address": h.address, "role": h.role, "container": ctr.get(h.name, {}),
-                            "ray": member["hosts"].get(h.name, {})}
+        per_node[h.name] = {
+            "address": h.address,
+            "role": h.role,
+            "container": ctr.get(h.name, {}),
+            "ray": member["hosts"].get(h.name, {}),
+        }
     per_node[cfg.master.name]["serve"] = proc
-    return {"release": cfg.release["name"], "state": state, "model": model, "endpoint": base,
-            "health": health[0], "problems": problems, "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},
-            "nodes": per_node}
+    return {
+        "release": cfg.release["name"],
+        "state": state,
+        "model": model,
+        "endpoint": base,
+        "health": health[0],
+        "problems": problems,
+        "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},
+        "nodes": per_node,
+    }
 
 
 # --------------------------------------------------------------------------- logs
@@ -335,6 +381,7 @@ def collect_logs(cfg: Config, nodes: Nodes, rendered: dict[str, str], out: Path)
     tag = secrets.token_hex(6)
     summary: dict[str, Any] = {}
     with tarfile.open(out, "w:gz") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -351,8 +398,10 @@ def collect_logs(cfg: Config, nodes: Nodes, rendered: dict[str, str], out: Path)
             add(f"{host}/container.log", (rr.stdout + rr.stderr).encode())
         # Ray logs: tar inside the container to a file flagops names, fetch it, remove it.
         remote = f"/tmp/flagops-raylogs-{tag}.tgz"
-        script = ('docker exec "$1" tar -czf - -C /tmp/ray/session_latest logs > "$2" 2>/dev/null; '
-                  'test -s "$2" || { rm -f "$2"; exit 3; }')
+        script = (
+            'docker exec "$1" tar -czf - -C /tmp/ray/session_latest logs > "$2" 2>/dev/null; '
+            'test -s "$2" || { rm -f "$2"; exit 3; }'
+        )
         made = nodes.run(["bash", "-c", script, "flagops", cfg.container_name, remote])
         for host, rr in made.items():
             if rr.ok:

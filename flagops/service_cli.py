@@ -13,8 +13,16 @@ import click
 from flagops.cli import _emit_json, _resolve_inventory, extravars_for, handle_errors, json_option
 from flagops.errors import FlagopsError, RunError
 
-STATE_STYLE = {"SERVING": "green", "MODEL_LISTED": "yellow", "LOADING": "yellow", "RAY_READY": "yellow",
-               "RAY_FORMING": "yellow", "DEGRADED": "red", "UNREACHABLE": "red", "STOPPED": "dim"}
+STATE_STYLE = {
+    "SERVING": "green",
+    "MODEL_LISTED": "yellow",
+    "LOADING": "yellow",
+    "RAY_READY": "yellow",
+    "RAY_FORMING": "yellow",
+    "DEGRADED": "red",
+    "UNREACHABLE": "red",
+    "STOPPED": "dim",
+}
 
 
 def _load(inventory: str | None, release: str | None) -> Any:
@@ -60,8 +68,13 @@ def _run(cfg: Any, playbook: str, json_out: bool, **flagops_extra: Any) -> tuple
 @click.command()
 @click.argument("release")
 @click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
-@click.option("--timeout", "timeouts", multiple=True, metavar="STAGE=SECONDS",
-              help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).")
+@click.option(
+    "--timeout",
+    "timeouts",
+    multiple=True,
+    metavar="STAGE=SECONDS",
+    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).",
+)
 @click.option("--restart", is_flag=True, help="Restart even when nothing changed.")
 @json_option
 @handle_errors
@@ -94,10 +107,18 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
     with Nodes(cfg) as nodes:
         ready = service.wait_ready(cfg, nodes, limits, on_stage)
     total = time.monotonic() - t0
-    doc = {"ok": ready.ok, "release": cfg.release_name, "action": action, "state": ready.state,
-           "reason": ready.reason, "endpoint": service.endpoint(cfg), "model": service.served_model(cfg),
-           "seconds": {"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
-           "stages": [vars(s) for s in ready.stages], "logs": ready.logs}
+    doc = {
+        "ok": ready.ok,
+        "release": cfg.release_name,
+        "action": action,
+        "state": ready.state,
+        "reason": ready.reason,
+        "endpoint": service.endpoint(cfg),
+        "model": service.served_model(cfg),
+        "seconds": {"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
+        "stages": [vars(s) for s in ready.stages],
+        "logs": ready.logs,
+    }
     if json_out:
         _emit_json(doc)
     elif ready.ok:
@@ -134,15 +155,21 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
         from rich.table import Table
 
         con = Console()
-        con.print(f"[bold]{st['release']}[/] [{STATE_STYLE.get(st['state'], 'white')}]{st['state']}[/]  "
-                  f"model {st['model']}  endpoint {st['endpoint']}/v1  ({st['seconds']}s)")
+        con.print(
+            f"[bold]{st['release']}[/] [{STATE_STYLE.get(st['state'], 'white')}]{st['state']}[/]  "
+            f"model {st['model']}  endpoint {st['endpoint']}/v1  ({st['seconds']}s)"
+        )
         t = Table("node", "role", "address", "container", "ray", "serve")
         for name, n in st["nodes"].items():
             c = n["container"]
             ctr = "running" if c.get("running") else f"[red]{c.get('reason') or c.get('status') or 'down'}[/]"
             r = n["ray"]
             res = st["ray"]["resource"]
-            ray = f"{r.get(res, 0):g}/{r.get('expected', {}).get(res, 0)} {res}" if r.get("member") else "[red]not a member[/]"
+            ray = (
+                f"{r.get(res, 0):g}/{r.get('expected', {}).get(res, 0)} {res}"
+                if r.get("member")
+                else "[red]not a member[/]"
+            )
             sv = ""
             if "serve" in n:
                 p = n["serve"]
@@ -158,7 +185,9 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
 @click.command()
 @click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
 @click.option("--release", metavar="NAME")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Tarball path (default: flagops-logs-<time>.tgz).")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Tarball path (default: flagops-logs-<time>.tgz)."
+)
 @json_option
 @handle_errors
 def logs(inventory: str | None, release: str | None, output: str | None, json_out: bool) -> None:
@@ -191,8 +220,12 @@ def stop(inventory: str | None, release: str | None, containers: bool, json_out:
     result, _ = _run(cfg, "stop", json_out, stop_containers=containers)
     with Nodes(cfg) as nodes:
         st = service.status(cfg, nodes)
-    doc = {"ok": st["state"] == "STOPPED", "state": st["state"], "problems": st["problems"],
-           "seconds": round(result.elapsed, 2)}
+    doc = {
+        "ok": st["state"] == "STOPPED",
+        "state": st["state"],
+        "problems": st["problems"],
+        "seconds": round(result.elapsed, 2),
+    }
     if json_out:
         _emit_json(doc)
     else:

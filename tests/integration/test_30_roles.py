@@ -18,8 +18,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ROLES = ["preflight", "weights", "flagscale_source", "image", "container", "ssh_trust",
-         "flagscale_install", "vllm_build", "serve"]
+ROLES = [
+    "preflight",
+    "weights",
+    "flagscale_source",
+    "image",
+    "container",
+    "ssh_trust",
+    "flagscale_install",
+    "vllm_build",
+    "serve",
+]
 
 pytestmark = pytest.mark.lab
 
@@ -28,22 +37,44 @@ pytestmark = pytest.mark.lab
 def molecule_env(lab, tmp_path_factory):  # noqa: ARG001 - lab: the running lab fixture
     out = tmp_path_factory.mktemp("render")
     vars_file = out / "flagops-vars.json"
-    subprocess.run([sys.executable, "-m", "flagops", "render", "ernie45", "-i", str(REPO / "inventories/lab.yaml"),
-                    "-o", str(out), "--ansible-vars", str(vars_file)], check=True, cwd=REPO)
-    env = dict(os.environ, FLAGOPS_REPO=str(REPO), FLAGOPS_MOLECULE_VARS=str(vars_file),
-               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flagops",
+            "render",
+            "ernie45",
+            "-i",
+            str(REPO / "inventories/lab.yaml"),
+            "-o",
+            str(out),
+            "--ansible-vars",
+            str(vars_file),
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    env = dict(
+        os.environ,
+        FLAGOPS_REPO=str(REPO),
+        FLAGOPS_MOLECULE_VARS=str(vars_file),
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     return env
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_role_scenario(role, molecule_env):
-    proc = subprocess.run(["molecule", "test"], cwd=REPO / "roles" / role, env=molecule_env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["molecule", "test"], cwd=REPO / "roles" / role, env=molecule_env, capture_output=True, text=True, timeout=900
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     # The idempotence step really ran and saw no change (molecule fails otherwise; we
     # also check its own words so a skipped step cannot pass silently).
-    assert re.search(r"[Ii]dempotence.*(completed|passed|succeeded)|Idempotence completed successfully", out), out[-3000:]
+    assert re.search(r"[Ii]dempotence.*(completed|passed|succeeded)|Idempotence completed successfully", out), out[
+        -3000:
+    ]
     recaps = re.findall(r"changed=(\d+)", out)
     assert recaps, "no PLAY RECAP in molecule output"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from typing import TYPE_CHECKING
 
 import pytest
 
 from flagops.lab import nodes, procs
 from flagops.lab.nodes import NODES
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from conftest import Lab
