@@ -55,8 +55,10 @@ PACKAGES = [
     "ca-certificates",
     "libnuma1",
 ]
-# never in the lock: CUDA builds that break `import transformers`/`vllm` on CPU torch, and triton
-EXCLUDED = ("torchvision", "torchaudio", "torchcodec", "triton")
+# never in the lock: CUDA builds that break `import transformers`/`vllm` on CPU torch, triton (no
+# CPU backend; eager serving does not need it) and OpenCV (video inputs only; vLLM imports it
+# optionally, ~155 MB)
+EXCLUDED = ("torchvision", "torchaudio", "torchcodec", "triton", "opencv-python-headless")
 # installed --no-deps and kept out of the resolution: flag-scale 0.8.0's metadata pins torch 2.7.1
 NO_DEPS = ("flag-scale",)
 # files of ASSETS that go into the image (the tiny-model script does not)
@@ -201,11 +203,14 @@ def _remove_container(client: docker.DockerClient, name: str) -> None:
 
 
 def _prune_old(client: docker.DockerClient, keep: str, progress: Progress) -> None:
-    """Drop older flagos builds (not the base images, not images a container still uses)."""
+    """Untag older flagos builds: only our own ``flagops-lab/flagos:*`` tags (another tag, e.g. the
+    lab registry's, keeps its image), never one a container still uses."""
     for image in client.images.list(name=REPO):
         if keep in image.tags:
             continue
         for tag in image.tags:
+            if not tag.startswith(REPO + ":"):
+                continue
             try:
                 client.images.remove(tag)
                 progress(f"flagos image: removed old {tag}")

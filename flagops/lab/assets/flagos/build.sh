@@ -42,6 +42,8 @@ for bad in ("torchvision", "torchaudio", "torchcodec", "triton"):
         continue
     raise SystemExit(f"{bad} must not be installed")
 PY
+# the serve runner's import chain (the runner puts site-packages/flag_scale on PYTHONPATH)
+(cd "$SP/flag_scale" && "$PY" -c "from flagscale.runner.runner_serve import SSHServeRunner; import run")
 "$V/bin/ray" --version
 "$V/bin/flagscale" --version
 echo "flagos build: ok"
