@@ -245,10 +245,17 @@ def _res(event_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failure_msg(res: dict[str, Any]) -> str:
-    msg = res.get("msg") or res.get("stderr") or res.get("reason") or ""
+    msg = res.get("msg") or res.get("reason") or ""
     if not isinstance(msg, str):
         msg = json.dumps(msg, default=str)
-    return msg.strip().splitlines()[0][:300] if msg.strip() else "failed"
+    # A failed command's own words are the explanation: add the tail of its output.
+    out = res.get("stderr") or res.get("stdout") or ""
+    if isinstance(out, str) and out.strip():
+        tail = out.strip().splitlines()[-15:]
+        msg = (msg.strip() + "\n" if msg.strip() else "") + "\n".join(tail)
+    # Keep every line: preflight reports all failures of all nodes in one message.
+    lines = [ln[:300] for ln in msg.strip().splitlines()[:60]]
+    return "\n".join(lines) if lines else "failed"
 
 
 def _recap(stats: dict[str, Any]) -> dict[str, HostRecap]:

@@ -238,6 +238,9 @@ def _create(client: docker.DockerClient, image: str, paths: LabPaths, node: Node
             str(paths.share): {"bind": "/share", "mode": "rw"},
             str(data_dir): {"bind": "/var/lib/docker", "mode": "rw"},
         },
+        # A host's /dev/shm: the FlagOS container uses it through --ipc=host, and
+        # vLLM's message queues need more than Docker's default 64 MiB.
+        shm_size="2g",
         **RUN_AS_HOST,
     )
     networking = api.create_networking_config(
