@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""FlagGems environment probe: is FlagGems really on in this container?
+
+Usage: python3 flaggems_env.py [--expect-version V] [--raylet-pid PID|auto]
+                               [--oplog PATH] [--no-oplog]
+
+Items (each pass/fail/skip with a reason):
+  import          ``import flag_gems`` works (its version is reported).
+  version         equals --expect-version (skip when not given).
+  enable_signature
+                  ``inspect.signature(flag_gems.enable)`` binds the exact call
+                  FlagScale's patched vLLM makes:
+                  enable(record=True, unused=["exponential_", "softmax"],
+                         path="/tmp/gems_oplist.log.txt", forward_only=True).
+                  A FlagGems without ``forward_only`` raises TypeError there, the
+                  worker logs "Falling back" and the service silently runs on
+                  native torch: that is a FAIL.
+  env_process     USE_FLAGGEMS is 1/true/yes in this process's environment.
+  env_raylet      ... and in /proc/<pid>/environ of the raylet (Ray workers
+                  inherit the raylet's environment); ``auto`` finds the raylet.
+  oplog           the op-list log the workers write exists and is not empty.
+
+Overall: skip when torch or a GPU is missing (``import flag_gems`` raises
+"No device were detected" on CPU-only machines); else fail when any item fails;
+else pass. One JSON document on stdout, exit code 0.
+"""
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import sys
+import traceback
+
+PROBE = "flaggems_env"
+VLLM_ENABLE_KWARGS = {
+    "record": True,
+    "unused": ["exponential_", "softmax"],
+    "path": "/tmp/gems_oplist.log.txt",
+    "forward_only": True,
+}
+DEFAULT_OPLOG = "/tmp/gems_oplist.log.txt"
+TRUTHY = ("1", "true", "yes")
+
+
+def item(name, status, reason, **values):
+    return {"name": name, "status": status, "reason": reason, "values": values}
+
+
+def env_truthy(value):
+    return value is not None and value.strip().lower() in TRUTHY
+
+
+def read_environ(pid):
+    with open("/proc/%d/environ" % pid, "rb") as fh:
+        raw = fh.read()
+    env = {}
+    for chunk in raw.split(b"\0"):
+        if b"=" in chunk:
+            k, _, v = chunk.partition(b"=")
+            env[k.decode(errors="replace")] = v.decode(errors="replace")
+    return env
+
+
+def find_raylet():
+    """pids whose argv[0] ends in 'raylet' (Ray's per-node daemon)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if os.path.basename(argv0) == "raylet":
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def check_import():
+    """(item, module or None, skip_reason or None)"""
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return (item("import", "skip", "torch not importable: %s: %s" % (type(exc).__name__, exc)),
+                None, "torch not importable")
+    try:
+        # flag_gems prints while importing; keep stdout for our JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            import flag_gems
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "no device" in msg.lower():
+            reason = "flag_gems cannot load without a GPU: RuntimeError: %s" % msg.strip()
+            return item("import", "skip", reason), None, reason
+        return (item("import", "fail", "import flag_gems raised RuntimeError: %s" % msg,
+                     traceback=traceback.format_exc(limit=-3)), None, None)
+    except Exception as exc:  # noqa: BLE001
+        return (item("import", "fail", "flag_gems not importable: %s: %s" % (type(exc).__name__, exc),
+                     traceback=traceback.format_exc(limit=-3)), None, None)
+    version = getattr(flag_gems, "__version__", None)
+    return (item("import", "pass", "flag_gems %s imported" % version, version=version,
+                 file=getattr(flag_gems, "__file__", None)), flag_gems, None)
+
+
+def check_signature(fg):
+    enable = getattr(fg, "enable", None)
+    if enable is None:
+        return item("enable_signature", "fail", "flag_gems has no enable()")
+    try:
+        sig = inspect.signature(enable)
+    except (TypeError, ValueError) as exc:
+        return item("enable_signature", "fail", "cannot inspect flag_gems.enable: %s" % exc)
+    params = list(sig.parameters)
+    try:
+        sig.bind(**VLLM_ENABLE_KWARGS)
+    except TypeError as exc:
+        return item(
+            "enable_signature", "fail",
+            "flag_gems.enable%s rejects the patched vLLM's call (%s): the worker "
+            "falls back to native torch silently" % (sig, exc),
+            signature=str(sig), parameters=params, forward_only=False)
+    explicit = "forward_only" in sig.parameters
+    return item(
+        "enable_signature", "pass",
+        "flag_gems.enable accepts forward_only%s" % ("" if explicit else " (via **kwargs)"),
+        signature=str(sig), parameters=params, forward_only=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--expect-version", default=None)
+    ap.add_argument("--raylet-pid", default=None, help="pid or 'auto'")
+    ap.add_argument("--oplog", default=DEFAULT_OPLOG)
+    ap.add_argument("--no-oplog", action="store_true", help="do not check the op-list log")
+    args = ap.parse_args(argv)
+
+    items = []
+    imp, fg, skip_reason = check_import()
+    items.append(imp)
+    version = imp["values"].get("version")
+
+    if args.expect_version is None:
+        items.append(item("version", "skip", "no --expect-version given", version=version))
+    elif fg is None:
+        items.append(item("version", "skip", "flag_gems not imported", expected=args.expect_version))
+    elif version == args.expect_version:
+        items.append(item("version", "pass", "flag_gems %s as pinned" % version, version=version))
+    else:
+        items.append(item("version", "fail", "flag_gems %s, release pins %s" % (version, args.expect_version),
+                          version=version, expected=args.expect_version))
+
+    if fg is None:
+        items.append(item("enable_signature", "skip", "flag_gems not imported"))
+    else:
+        items.append(check_signature(fg))
+
+    val = os.environ.get("USE_FLAGGEMS")
+    items.append(item("env_process", "pass" if env_truthy(val) else "fail",
+                      "USE_FLAGGEMS=%r in this process" % val, USE_FLAGGEMS=val))
+
+    if args.raylet_pid is None:
+        items.append(item("env_raylet", "skip", "no --raylet-pid given"))
+    else:
+        pids = find_raylet() if args.raylet_pid == "auto" else [int(args.raylet_pid)]
+        if not pids:
+            items.append(item("env_raylet", "fail", "no raylet process found"))
+        for pid in pids:
+            try:
+                rval = read_environ(pid).get("USE_FLAGGEMS")
+            except OSError as exc:
+                items.append(item("env_raylet", "fail", "cannot read /proc/%d/environ: %s" % (pid, exc), pid=pid))
+                continue
+            items.append(item("env_raylet", "pass" if env_truthy(rval) else "fail",
+                              "USE_FLAGGEMS=%r in raylet pid %d (Ray workers inherit it)" % (rval, pid),
+                              pid=pid, USE_FLAGGEMS=rval))
+
+    if args.no_oplog:
+        items.append(item("oplog", "skip", "--no-oplog"))
+    else:
+        path = args.oplog
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            items.append(item("oplog", "fail", "%s missing: no worker enabled FlagGems with record=True" % path,
+                              path=path))
+        else:
+            lines, ops = 0, set()
+            with open(path, "r", errors="replace") as fh:
+                for line in fh:
+                    lines += 1
+                    if "GEMS" in line and len(ops) < 1000:
+                        ops.add(line.split("GEMS", 1)[1].strip().split(",")[0][:60])
+            status = "pass" if size > 0 and lines > 0 else "fail"
+            items.append(item("oplog", status, "%s: %d bytes, %d lines, %d distinct GEMS ops"
+                              % (path, size, lines, len(ops)),
+                              path=path, bytes=size, lines=lines, distinct_ops=len(ops),
+                              sample_ops=sorted(ops)[:20]))
+
+    failed = [i["name"] for i in items if i["status"] == "fail"]
+    values = {"flag_gems_version": version,
+              "forward_only": next((i["values"].get("forward_only") for i in items
+                                    if i["name"] == "enable_signature"), None)}
+    if skip_reason:
+        status, reason = "skip", skip_reason
+    elif failed:
+        status = "fail"
+        reason = "; ".join(i["reason"] for i in items if i["status"] == "fail")
+    else:
+        status, reason = "pass", "flag_gems %s importable, enable() takes forward_only, USE_FLAGGEMS set" % version
+    doc = {"probe": PROBE, "status": status, "reason": reason, "values": values, "items": items}
+    sys.stdout.write(json.dumps(doc, sort_keys=True, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

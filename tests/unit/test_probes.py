@@ -1,0 +1,285 @@
+"""The GPU probes, run as the container runs them: ``python3 probe.py`` in a subprocess.
+
+On this CPU-only host they must report skip (with the reason) or, where a fake
+package or a fake nvidia-smi stands in, pass/fail, always as one JSON document
+on stdout and exit code 0. Where torch is installed, ops_consistency's
+--self-test exercises the comparison harness on CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PROBES = Path(__file__).resolve().parents[2] / "flagops" / "verify" / "probes"
+PY = sys.executable
+
+
+def _has(module):
+    return subprocess.run([PY, "-c", "import " + module], capture_output=True).returncode == 0
+
+
+HAS_TORCH = _has("torch")
+HAS_FLAG_GEMS = _has("flag_gems")
+
+
+def run_probe(name, *args, env=None, timeout=240):
+    full_env = dict(os.environ)
+    full_env.pop("USE_FLAGGEMS", None)
+    full_env.update(env or {})
+    proc = subprocess.run([PY, str(PROBES / (name + ".py")), *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, "stdout must hold exactly one JSON document: %r" % proc.stdout[:500]
+    doc = json.loads(lines[0])
+    assert set(doc) == {"probe", "status", "reason", "values", "items"}
+    assert doc["probe"] == name
+    assert doc["status"] in ("pass", "fail", "skip")
+    assert isinstance(doc["reason"], str) and doc["reason"]
+    assert isinstance(doc["values"], dict) and isinstance(doc["items"], list)
+    for it in doc["items"]:
+        assert set(it) == {"name", "status", "reason", "values"}, it
+        assert it["status"] in ("pass", "fail", "skip")
+    return doc
+
+
+def items(doc, name):
+    return [i for i in doc["items"] if i["name"] == name]
+
+
+def test_probe_files_are_standalone():
+    for name in ("gpu_info", "flaggems_env", "ops_consistency", "nccl_allreduce"):
+        text = (PROBES / (name + ".py")).read_text()
+        assert "import flagops" not in text and "from flagops" not in text, name
+
+
+# ----------------------------------------------------------------------------- gpu_info
+def fake_smi(tmp_path, body):
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_gpu_info_skips_without_nvidia_smi(tmp_path):
+    doc = run_probe("gpu_info", "--nvidia-smi", str(tmp_path / "nope" / "nvidia-smi"))
+    assert doc["status"] == "skip"
+    assert "nvidia-smi not found" in doc["reason"]
+
+
+def test_gpu_info_parses_two_gpus(tmp_path):
+    smi = fake_smi(tmp_path, textwrap.dedent("""\
+        echo "0, NVIDIA H100 80GB HBM3, GPU-a, 580.159.04, 81559, 0, Enabled, 0"
+        echo "1, NVIDIA H100 80GB HBM3, GPU-b, 580.159.04, 81559, 3, Enabled, 0"
+        """))
+    doc = run_probe("gpu_info", "--nvidia-smi", smi, "--expect-gpus", "2")
+    assert doc["status"] == "pass", doc["reason"]
+    assert doc["values"]["gpu_count"] == 2
+    assert doc["values"]["driver_version"] == "580.159.04"
+    assert doc["values"]["names"] == ["NVIDIA H100 80GB HBM3"]
+    assert doc["values"]["memory_total_mib"] == [81559, 81559]
+
+
+def test_gpu_info_fails_on_ecc_errors_and_count(tmp_path):
+    smi = fake_smi(tmp_path, 'echo "0, NVIDIA H100 80GB HBM3, GPU-a, 580.159.04, 81559, 0, Enabled, 2"\n')
+    doc = run_probe("gpu_info", "--nvidia-smi", smi, "--expect-gpus", "4")
+    assert doc["status"] == "fail"
+    assert "2 uncorrected volatile ECC errors" in doc["reason"]
+    assert "1 GPUs, expected 4" in doc["reason"]
+    assert items(doc, "gpu0")[0]["status"] == "fail"
+    assert doc["values"]["ecc_uncorrected_volatile_total"] == 2
+
+
+def test_gpu_info_na_ecc_is_not_an_error(tmp_path):
+    smi = fake_smi(tmp_path, 'echo "0, NVIDIA A10, GPU-a, 580.1, 23028, 1, [N/A], [N/A]"\n')
+    doc = run_probe("gpu_info", "--nvidia-smi", smi)
+    assert doc["status"] == "pass", doc["reason"]
+    assert "not available" in items(doc, "gpu0")[0]["reason"]
+
+
+def test_gpu_info_no_devices_is_skip(tmp_path):
+    smi = fake_smi(tmp_path, 'echo "No devices were found"; exit 6\n')
+    doc = run_probe("gpu_info", "--nvidia-smi", smi)
+    assert doc["status"] == "skip"
+    assert "no GPUs" in doc["reason"]
+
+
+def test_gpu_info_driver_failure_is_fail(tmp_path):
+    smi = fake_smi(tmp_path, "echo \"NVIDIA-SMI has failed because it couldn't communicate with the "
+                             "NVIDIA driver\" >&2; exit 9\n")
+    doc = run_probe("gpu_info", "--nvidia-smi", smi)
+    assert doc["status"] == "fail"
+    assert "exited 9" in doc["reason"]
+
+
+# ----------------------------------------------------------------------------- flaggems_env
+def fake_packages(tmp_path, flag_gems_src):
+    """A directory holding a fake flag_gems (and a stub torch if torch is absent)."""
+    root = tmp_path / "site"
+    (root / "flag_gems").mkdir(parents=True)
+    (root / "flag_gems" / "__init__.py").write_text(textwrap.dedent(flag_gems_src))
+    if not HAS_TORCH:
+        (root / "torch").mkdir()
+        (root / "torch" / "__init__.py").write_text("__version__ = '0.stub'\n")
+    return {"PYTHONPATH": str(root)}
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="torch is installed here")
+def test_flaggems_env_skips_without_torch():
+    doc = run_probe("flaggems_env")
+    assert doc["status"] == "skip"
+    assert doc["reason"] == "torch not importable"
+
+
+@pytest.mark.skipif(not HAS_TORCH or HAS_FLAG_GEMS, reason="needs torch without flag_gems")
+def test_flaggems_env_fails_when_flag_gems_missing():
+    doc = run_probe("flaggems_env", "--no-oplog", env={"USE_FLAGGEMS": "1"})
+    assert doc["status"] == "fail"
+    assert "flag_gems not importable: ModuleNotFoundError" in doc["reason"]
+    assert items(doc, "import")[0]["status"] == "fail"
+    assert items(doc, "enable_signature")[0]["status"] == "skip"
+
+
+def test_flaggems_env_cpu_only_is_skip(tmp_path):
+    env = fake_packages(tmp_path, """\
+        raise RuntimeError("No device were detected on your machine !")
+        """)
+    doc = run_probe("flaggems_env", env=env)
+    assert doc["status"] == "skip"
+    assert "No device were detected" in doc["reason"]
+    assert items(doc, "import")[0]["status"] == "skip"
+
+
+NEW_ENABLE = """\
+    __version__ = "5.0.2"
+    print("chatter from import")  # must not reach stdout
+    def enable(lib=None, unused=None, registrar=None, record=False, once=False, path=None):
+        pass
+    """
+OLD_ENABLE = """\
+    __version__ = "2.2"
+    def enable(lib=None, unused=None, registrar=None, record=False, once=False, path=None,
+               forward_only=False):
+        pass
+    """
+
+
+def test_flaggems_env_fails_without_forward_only(tmp_path):
+    env = fake_packages(tmp_path, NEW_ENABLE)
+    env["USE_FLAGGEMS"] = "1"
+    doc = run_probe("flaggems_env", "--no-oplog", "--expect-version", "5.0.2", env=env)
+    assert doc["status"] == "fail"
+    sig = items(doc, "enable_signature")[0]
+    assert sig["status"] == "fail"
+    assert "forward_only" in sig["reason"] and "native torch" in sig["reason"]
+    assert doc["values"] == {"flag_gems_version": "5.0.2", "forward_only": False}
+    assert items(doc, "version")[0]["status"] == "pass"
+
+
+def test_flaggems_env_passes_with_forward_only_env_and_oplog(tmp_path):
+    env = fake_packages(tmp_path, OLD_ENABLE)
+    env["USE_FLAGGEMS"] = "true"
+    log = tmp_path / "gems_oplist.log.txt"
+    log.write_text("[DEBUG] flag_gems.ops.mm: GEMS MM\n[DEBUG] flag_gems.ops.softmax: GEMS SOFTMAX\n")
+    raylet = subprocess.Popen(["sleep", "60"], env={"USE_FLAGGEMS": "1", "PATH": os.environ["PATH"]})
+    try:
+        doc = run_probe("flaggems_env", "--oplog", str(log), "--raylet-pid", str(raylet.pid), env=env)
+    finally:
+        raylet.kill()
+        raylet.wait()
+    assert doc["status"] == "pass", doc["reason"]
+    assert doc["values"]["forward_only"] is True
+    assert items(doc, "env_raylet")[0]["status"] == "pass"
+    assert items(doc, "oplog")[0]["values"]["distinct_ops"] == 2
+
+
+def test_flaggems_env_fails_on_missing_env_raylet_and_oplog(tmp_path):
+    env = fake_packages(tmp_path, OLD_ENABLE)
+    raylet = subprocess.Popen(["sleep", "60"], env={"PATH": os.environ["PATH"]})
+    try:
+        doc = run_probe("flaggems_env", "--oplog", str(tmp_path / "absent.log"),
+                        "--raylet-pid", str(raylet.pid), env=env)
+    finally:
+        raylet.kill()
+        raylet.wait()
+    assert doc["status"] == "fail"
+    assert {i["name"] for i in doc["items"] if i["status"] == "fail"} == {
+        "env_process", "env_raylet", "oplog"}
+    empty = tmp_path / "empty.log"
+    empty.write_text("")
+    doc = run_probe("flaggems_env", "--oplog", str(empty), env=dict(env, USE_FLAGGEMS="1"))
+    assert items(doc, "oplog")[0]["status"] == "fail"
+
+
+# ----------------------------------------------------------------------------- nccl_allreduce
+def test_nccl_allreduce_skips_on_cpu_host_and_forces_nvls_off():
+    doc = run_probe("nccl_allreduce", env={"NCCL_NVLS_ENABLE": "1"})
+    assert doc["status"] == "skip"
+    assert doc["values"]["env"]["NCCL_NVLS_ENABLE"] == "0"
+    if HAS_TORCH:
+        assert doc["reason"] == "no CUDA GPU visible to torch"
+    else:
+        assert doc["reason"].startswith("torch not importable")
+
+
+# ----------------------------------------------------------------------------- ops_consistency
+def test_ops_consistency_skips_on_cpu_host():
+    doc = run_probe("ops_consistency")
+    assert doc["status"] == "skip"
+    if HAS_TORCH:
+        assert doc["reason"] == "no CUDA GPU visible to torch"
+    else:
+        assert doc["reason"].startswith("torch not importable")
+
+
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not importable")
+
+
+@needs_torch
+def test_ops_consistency_lists_the_required_ops():
+    doc = run_probe("ops_consistency", "--self-test", "--list")
+    ops = {i["name"].split("[")[0] for i in doc["items"]}
+    assert ops >= {"mm", "bmm", "addmm", "softmax", "silu", "gelu", "rms_norm", "layer_norm",
+                   "embedding", "topk", "sort", "cumsum", "topk_softmax", "grouped_topk",
+                   "moe_align_block_size", "fused_experts"}
+    names = {i["name"] for i in doc["items"]}
+    assert {"rms_norm[bfloat16,weight]", "rms_norm[bfloat16,no-weight]"} <= names
+
+
+@needs_torch
+def test_ops_consistency_self_test_harness_passes(tmp_path):
+    out = tmp_path / "ops.json"
+    doc = run_probe("ops_consistency", "--self-test", "--iters", "2", "--warmup", "1",
+                    "--out", str(out))
+    assert doc["status"] == "pass", doc["reason"]
+    assert doc["values"]["fail"] == 0 and doc["values"]["skip"] == 0
+    mm = items(doc, "mm[bfloat16]")[0]["values"]
+    # FlagGems' rule: atol = 1e-4 * K, rtol(bf16) = 0.016
+    assert mm["rtol"] == 0.016 and mm["atol"] == pytest.approx(1e-4 * mm["reduce_dim"])
+    assert 0 <= mm["err_over_tol"] <= 1
+    assert items(doc, "embedding[float32]")[0]["values"]["rtol"] == 0.0
+    assert json.loads(out.read_text()) == doc
+
+
+@needs_torch
+def test_ops_consistency_reports_a_raising_op_per_case():
+    doc = run_probe("ops_consistency", "--self-test", "--no-timing", "--inject-raise", "rms_norm")
+    assert doc["status"] == "fail"
+    failed = [i for i in doc["items"] if i["status"] == "fail"]
+    assert failed and all(i["values"]["op"] == "rms_norm" for i in failed)
+    assert all(i["reason"].startswith("flag_gems raised TypeError") for i in failed)
+    assert items(doc, "layer_norm[bfloat16]")[0]["status"] == "pass"
+
+
+@needs_torch
+def test_ops_consistency_catches_a_wrong_result():
+    doc = run_probe("ops_consistency", "--self-test", "--no-timing", "--inject-error", "topk_softmax")
+    bad = {i["name"] for i in doc["items"] if i["status"] == "fail"}
+    assert bad == {"topk_softmax[bfloat16,64e-k8-renorm]", "topk_softmax[float16,64e-k8-renorm]",
+                   "topk_softmax[float32,64e-k8-renorm]"}
+    assert doc["status"] == "fail"
