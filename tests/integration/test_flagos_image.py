@@ -133,8 +133,7 @@ def test_broken_packages_absent(client, image):
 
 def test_plugin_reports_ray_support(client, image):
     probe = (
-        "from vllm.platforms import current_platform as p; "
-        "print(type(p).__name__, repr(p.ray_device_key), p.is_cpu())"
+        "from vllm.platforms import current_platform as p; print(type(p).__name__, repr(p.ray_device_key), p.is_cpu())"
     )
     out = sh(client, image, f"{ACTIVATE} && python -c '{probe}' 2>/dev/null")
     assert out.strip().splitlines()[-1] == "CpuRayPlatform 'CPU' True"
@@ -248,7 +247,7 @@ def test_repo_installs_in_the_image(client, image, tmp_path):
         " flagscale --version; cd /;"
         # the path flagscale/cli.py::serve builds when no yaml argument is given
         " python -c 'import os, flag_scale.flagscale.cli as c; d = os.path.dirname(os.path.abspath("
-        "os.path.dirname(c.__file__))); print(os.path.join(d, \"examples\", \"ernie45\", \"conf\", \"serve.yaml\"))'"
+        'os.path.dirname(c.__file__))); print(os.path.join(d, "examples", "ernie45", "conf", "serve.yaml"))\''
         " | tee /dev/stderr | xargs tail -1"
     )
     out = sh(client, image, script, volumes={str(tmp_path): {"bind": "/git", "mode": "ro"}})
@@ -313,7 +312,9 @@ class Pair:
             timeout=timeout,
         )
         if done.returncode != 0:
-            raise AssertionError(f"{role}: {script!r} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise AssertionError(
+                f"{role}: {script!r} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         return done.stdout
 
     def close(self) -> None:
@@ -343,7 +344,7 @@ def _serve(pair: Pair, extra: str, port: int = 30000) -> float:
 PROBE = r"""
 import json, urllib.request
 B = "http://127.0.0.1:30000"
-M = "%s"
+M = "@MODEL@"
 def post(path, body):
     req = urllib.request.Request(B + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -359,7 +360,7 @@ out["ids"] = [json.loads(post("/v1/completions", {"model": M, "prompt": p, "max_
               "ignore_eos": True, "return_token_ids": True}))["choices"][0]["token_ids"]
               for p in ["The quick brown fox", "def main():\n    return", "import os\nimport sys\n"]]
 print(json.dumps(out))
-""" % MODEL
+""".replace("@MODEL@", MODEL)
 
 
 @pytest.mark.slow

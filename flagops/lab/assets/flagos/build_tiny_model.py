@@ -51,8 +51,11 @@ SHARD = "1MB"  # forces several shards (the real checkpoint has many)
 
 def corpus() -> list[str]:
     """Training text for the BPE: the image's Python stdlib sources, in a fixed order."""
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
-    return [open(f, encoding="utf-8", errors="replace").read() for f in files]
+    texts = []
+    for name in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py"))):
+        with open(name, encoding="utf-8", errors="replace") as handle:
+            texts.append(handle.read())
+    return texts
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -128,12 +131,11 @@ def main(out: str) -> None:
         for name, param in model.named_parameters():
             if name.endswith("e_score_correction_bias"):
                 param.copy_(torch.randn(param.shape) * 0.01)
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=[2, 4], pad_token_id=0, do_sample=False
-    )
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 4], pad_token_id=0, do_sample=False)
     model.save_pretrained(out, max_shard_size=SHARD)
 
-    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    with open(os.path.join(out, "model.safetensors.index.json")) as handle:
+        index = json.load(handle)
     shards = sorted(set(index["weight_map"].values()))
     experts = [k for k in index["weight_map"] if ".mlp.experts." in k]
     params = sum(p.numel() for p in model.parameters())

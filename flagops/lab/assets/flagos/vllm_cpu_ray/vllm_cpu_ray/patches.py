@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("vllm_cpu_ray")
 
