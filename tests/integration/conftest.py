@@ -21,7 +21,8 @@ from flagops.lab.paths import LabPaths
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "lab: needs the local lab (`flagops lab up`); slow")
+    config.addinivalue_line("markers", "lab: needs the local lab (`flagops lab up`)")
+    config.addinivalue_line("markers", "slow: minutes, not seconds (full serving proofs)")
 
 
 @dataclass(frozen=True)

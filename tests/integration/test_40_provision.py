@@ -1,0 +1,153 @@
+"""`flagops provision` on the lab: converges, re-runs with changed=0, `--check` changes
+nothing, and preflight catches each broken condition for real, changing nothing.
+
+The molecule scenarios (test_30) have already converged every role; here the whole
+playbook runs through the CLI as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+from flagops.lab.nodes import NODES
+
+if TYPE_CHECKING:
+    from conftest import Lab
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+INV = str(REPO / "inventories" / "lab.yaml")
+NODE1, NODE2 = NODES
+
+
+def provision(lab: Lab, *args: str, inventory: str = INV) -> tuple[int, list[dict[str, Any]]]:
+    done = lab.flagops("provision", inventory, "--json", *args, check=False)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return done.returncode, events
+
+
+def result(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(e for e in reversed(events) if e.get("event") == "flagops_result")
+
+
+def snapshot(lab: Lab) -> dict[str, str]:
+    """What provision could change on the nodes: containers, images, /share/.flagops."""
+    out = {}
+    for n in NODES:
+        out[n.hostname] = lab.ssh(
+            n,
+            "docker ps -a --no-trunc --format '{{.ID}} {{.Image}} {{.State}}' | sort; "
+            "docker images --no-trunc -q | sort; "
+            "find /share/.flagops /share/repos/FlagScale/examples -newer /etc/hostname -type f 2>/dev/null | sort; "
+            "ls -la --time-style=+%s /root/.ssh",
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(lab: Lab) -> Lab:
+    """No service (the API and Ray ports must be free for preflight's port check)."""
+    lab.flagops("stop", "-i", INV, check=False)
+    return lab
+
+
+def test_provision_converges(stopped: Lab) -> None:
+    rc, events = provision(stopped)
+    res = result(events)
+    assert rc == 0 and res["ok"], res["failures"]
+    assert set(res["recap"]) == {"node1", "node2"}
+
+
+def test_second_run_reports_no_change(stopped: Lab) -> None:
+    rc, events = provision(stopped)
+    res = result(events)
+    assert rc == 0, res["failures"]
+    assert {h: r["changed"] for h, r in res["recap"].items()} == {"node1": 0, "node2": 0}
+    changed = [(e["host"], e["task"]) for e in events if e.get("event") == "runner_on_ok" and e.get("changed")]
+    assert changed == []
+
+
+def test_check_diff_changes_nothing(stopped: Lab) -> None:
+    before = snapshot(stopped)
+    rc, events = provision(stopped, "--check", "--diff")
+    assert rc == 0, result(events)["failures"]
+    assert snapshot(stopped) == before
+
+
+def _preflight_fails(lab: Lab, inventory: str = INV) -> str:
+    before = snapshot(lab)
+    rc, events = provision(lab, "--tags", "preflight", inventory=inventory)
+    assert rc != 0
+    msg = "\n".join(f["msg"] for f in result(events)["failures"])
+    assert snapshot(lab) == before, "a failing preflight changed a node"
+    return msg
+
+
+def test_preflight_docker_down_on_node2(stopped: Lab) -> None:
+    stopped.ssh(NODE2, "service docker stop >/dev/null 2>&1; sleep 1; ! docker info >/dev/null 2>&1")
+    try:
+        rc, events = provision(stopped, "--tags", "preflight")
+        msg = "\n".join(f["msg"] for f in result(events)["failures"])
+        assert rc != 0
+        assert "node2: docker: found" in msg and "fix: install Docker and start dockerd" in msg
+        assert "node1: docker" not in msg
+    finally:
+        stopped.ssh(NODE2, "service docker start >/dev/null 2>&1; for i in $(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1")
+
+
+def test_preflight_not_enough_free_space(stopped: Lab, tmp_path: Path) -> None:
+    inv = yaml.safe_load(Path(INV).read_text())
+    inv["all"]["vars"]["flagops_release_overrides"]["model"]["size_bytes"] = 10**16  # 10 PB of weights
+    path = tmp_path / "lab-huge-model.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    msg = _preflight_fails(stopped, str(path))
+    assert "share_free_space: found" in msg and "bytes (weights x 1.1, minus" in msg
+    assert "node1: share_free_space" in msg and "fix: free space on /share" in msg
+
+
+def test_preflight_api_port_taken(stopped: Lab) -> None:
+    pid = stopped.ssh(NODE1, "nohup python3 -m http.server 30000 --bind 0.0.0.0 >/dev/null 2>&1 & echo $!").strip()
+    try:
+        stopped.ssh(NODE1, "for i in $(seq 40); do ss -Hltn 'sport = :30000' | grep -q . && exit 0; sleep 0.25; done; exit 1")
+        msg = _preflight_fails(stopped)
+        assert f"node1: port_30000: found in use by pid {pid}" in msg
+        assert "fix: stop the process holding port 30000" in msg
+    finally:
+        stopped.ssh(NODE1, f"kill {shlex.quote(pid)}")
+
+
+def test_preflight_share_not_shared(stopped: Lab) -> None:
+    stopped.ssh(NODE2, "mount -t tmpfs -o size=64m flagops-test /share")
+    try:
+        msg = _preflight_fails(stopped)
+        assert "node2: share_is_shared" in msg and "mount the same shared volume at /share" in msg
+        assert "node1: share_is_shared" not in msg
+    finally:
+        stopped.ssh(NODE2, "umount /share")
+
+
+def test_preflight_ssh_key_removed(stopped: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    # A fresh ControlPersist dir: an open master connection would hide the missing key.
+    monkeypatch.setenv("ANSIBLE_SSH_CONTROL_PATH_DIR", str(tmp_path / "cp"))
+
+    node = f"flagops-lab-{NODE2.hostname}"
+    ak = "/root/.ssh/authorized_keys"
+    before = stopped.ssh(NODE1, "docker ps -a --no-trunc -q; find /share/.flagops -type f | sort")
+    subprocess.run(["docker", "exec", node, "mv", ak, ak + ".flagops-test"], check=True)
+    try:
+        rc, events = provision(stopped, "--tags", "preflight")
+        msg = "\n".join(f["msg"] for f in result(events)["failures"])
+        assert rc != 0
+        assert "node2: ssh: found unreachable" in msg and "check ansible_host/ansible_port/ansible_user and the key" in msg
+        assert stopped.ssh(NODE1, "docker ps -a --no-trunc -q; find /share/.flagops -type f | sort") == before
+    finally:
+        subprocess.run(["docker", "exec", node, "mv", ak + ".flagops-test", ak], check=True)
