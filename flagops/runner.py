@@ -20,7 +20,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from flagops import state
+from flagops.errors import RunError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEEP_RUNS = 10
@@ -82,6 +85,12 @@ class Result:
         }
 
 
+class Interrupted(RunError):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; ansible-playbook was stopped too."""
+
+    exit_code = 130
+
+
 # --------------------------------------------------------------------------- views
 
 
@@ -113,7 +122,7 @@ class JsonView:
             "counter": ev.get("counter"),
             "created": ev.get("created"),
         }
-        for key in ("play", "task", "host", "task_action", "task_uuid"):
+        for key in ("play", "task", "host", "task_action", "task_uuid", "duration"):
             if data.get(key) is not None:
                 rec[key] = data[key]
         res = data.get("res")
@@ -398,11 +407,23 @@ def run_playbook(
     if limit:
         kwargs["limit"] = limit
 
+    # Ctrl-C must not leave ansible-playbook running without us (or a traceback): the
+    # signal only sets a flag, ansible-runner's cancel callback sees it within its poll
+    # interval and kills the playbook's process group; the lock is released on the way out.
+    interrupted: list[str] = []
+    kwargs["cancel_callback"] = lambda: bool(interrupted)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: interrupted.append(signal.Signals(signum).name))
+
     started = time.monotonic()
     the_view.start()
     try:
         r = ansible_runner.run(**kwargs)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         with contextlib.suppress(OSError):
             (pdd / "env" / "extravars").unlink()
         redact_command_artifacts(pdd)
@@ -432,4 +453,10 @@ def run_playbook(
         failures=failures,
     )
     the_view.finish(result)
+    if interrupted:
+        raise Interrupted(
+            f"{playbook.stem} interrupted by {interrupted[0]} after {result.elapsed:.1f}s; "
+            f"ansible-playbook was stopped and the lock released. Re-run to converge "
+            f"(run artifacts: {pdd})"
+        )
     return result

@@ -189,6 +189,7 @@ class Stage:
     ok: bool
     seconds: float
     detail: str = ""
+    at: float = 0.0  # wall-clock time the stage was reached (or given up)
 
 
 @dataclass
@@ -264,7 +265,7 @@ def wait_ready(
     plan = [("RAY_READY", ray_ok), ("LOADING", health), ("MODEL_LISTED", listed), ("SERVING", serving)]
     for name, check in plan:
         ok, detail, secs = _wait(check, t[name], alive)
-        stage = Stage(name, ok, round(secs, 3), detail)
+        stage = Stage(name, ok, round(secs, 3), detail, at=time.time())
         res.stages.append(stage)
         if on_stage:
             on_stage(stage)
