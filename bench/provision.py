@@ -1,0 +1,71 @@
+"""Provision on the lab, measured: first run on fresh nodes, second run (changed count),
+1-node vs 2-node wall time on fresh nodes, and the `--check --diff` output on fresh nodes.
+
+"Fresh" means new lab nodes with empty docker data and an empty /share (the lab's
+images, registry and caches are kept). Writes bench/results/provision.json and
+bench/results/provision-check-diff.txt. Takes about 5 minutes.
+
+    python bench/provision.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INV = str(REPO / "inventories" / "lab.yaml")
+OUT = REPO / "bench" / "results"
+
+
+def flagops(*args: str, check: bool = True) -> tuple[float, str]:
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flagops", *args], capture_output=True, text=True, cwd=REPO)
+    if check and done.returncode != 0:
+        raise SystemExit(f"flagops {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    return time.monotonic() - t0, done.stdout
+
+
+def fresh_nodes() -> None:
+    from flagops.lab.paths import LabPaths
+
+    paths = LabPaths.default()
+    flagops("lab", "down")
+    for sub in ("nodes", "share"):  # lab-owned data: the nodes' docker dirs and /share
+        shutil.rmtree(paths.root / sub, ignore_errors=True)
+    flagops("lab", "up")
+
+
+def recap(out: str) -> dict:
+    return json.loads(out.splitlines()[-1])
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    fresh_nodes()
+    _, check_out = flagops("provision", INV, "--check", "--diff")
+    (OUT / "provision-check-diff.txt").write_text(check_out)
+    t_one, out_one = flagops("provision", INV, "--limit", "node1", "--json")
+    fresh_nodes()
+    t_first, out_first = flagops("provision", INV, "--json")
+    t_second, out_second = flagops("provision", INV, "--json")
+    res = {
+        "first_run_s": round(t_first, 2),
+        "first_run_recap": recap(out_first)["recap"],
+        "second_run_s": round(t_second, 2),
+        "second_run_changed": {h: r["changed"] for h, r in recap(out_second)["recap"].items()},
+        "one_node_s": round(t_one, 2),
+        "two_node_s": round(t_first, 2),
+        "two_over_one_ratio": round(t_first / t_one, 3),
+        "check_diff_output": "bench/results/provision-check-diff.txt",
+    }
+    (OUT / "provision.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
