@@ -40,6 +40,18 @@ def fresh_nodes() -> None:
     flagops("lab", "up")
 
 
+def one_node_inventory() -> str:
+    """The lab's master alone: the same roles on one node (pipeline parallel 1)."""
+    import yaml
+
+    inv = yaml.safe_load(Path(INV).read_text())
+    del inv["all"]["children"]["workers"]
+    inv["all"]["vars"]["flagops_release_overrides"]["serve"]["engine_args_specific"]["vllm"]["pipeline_parallel_size"] = 1
+    path = OUT / "lab-one-node.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    return str(path)
+
+
 def recap(out: str) -> dict:
     return json.loads(out.splitlines()[-1])
 
@@ -49,7 +61,7 @@ def main() -> None:
     fresh_nodes()
     _, check_out = flagops("provision", INV, "--check", "--diff")
     (OUT / "provision-check-diff.txt").write_text(check_out)
-    t_one, out_one = flagops("provision", INV, "--limit", "node1", "--json")
+    t_one, out_one = flagops("provision", one_node_inventory(), "--json")
     fresh_nodes()
     t_first, out_first = flagops("provision", INV, "--json")
     t_second, out_second = flagops("provision", INV, "--json")
