@@ -32,7 +32,8 @@ from flagops.errors import ConfigError, Location, Problem, join_pointer
 PKG_DIR = Path(__file__).resolve().parent
 
 # Values FlagScale pastes unquoted into `export K=V`, `ssh ... "docker exec c bash -c '...'"`
-# and hostfile lines. Anything outside these sets could break out of the command.
+# and hostfile lines. Anything outside these sets could break out of the command. They are
+# applied with fullmatch: with match, `$` also accepts a trailing newline ("flagos\n").
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%-]*$")
 SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]*$")
@@ -244,9 +245,21 @@ def schema_dir() -> Path:
     raise FileNotFoundError("flagops schemas not found next to the package or the checkout")
 
 
+def _strict_patterns(node: Any) -> Any:
+    """JSON Schema ``pattern``s are searched with Python's ``re``, where ``$`` also matches
+    before a trailing newline: ``"node2\n"`` would pass ``^[A-Za-z0-9_.-]*$``. End each
+    anchored pattern with ``\\Z`` (the true end) instead."""
+    if isinstance(node, dict):
+        return {k: (v[:-1] + r"\Z" if k == "pattern" and isinstance(v, str) and v.endswith("$")
+                    and not v.endswith(r"\$") else _strict_patterns(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_strict_patterns(v) for v in node]
+    return node
+
+
 @cache
 def load_schema(name: str) -> dict[str, Any]:
-    return json.loads((schema_dir() / f"{name}.schema.json").read_text(encoding="utf-8"))
+    return _strict_patterns(json.loads((schema_dir() / f"{name}.schema.json").read_text(encoding="utf-8")))
 
 
 def _known_keys(schema: dict[str, Any]) -> list[str]:
@@ -597,7 +610,7 @@ def _check_address(value: Any) -> str | None:
         return None
     except ValueError:
         pass
-    if HOSTNAME_RE.match(value):
+    if HOSTNAME_RE.fullmatch(value):
         return None
     unsafe = _unsafe_chars(value)
     return f"unsafe characters {unsafe!r}" if unsafe else "not an IP address or DNS name"
@@ -608,11 +621,26 @@ def _check_abs_path(value: str) -> str | None:
         return "a relative path"
     if any(part == ".." for part in value.split("/")):
         return "a path with '..'"
-    if not SAFE_PATH_RE.match(value):
+    if not SAFE_PATH_RE.fullmatch(value):
         return f"unsafe characters {_unsafe_chars(value) or 'outside [A-Za-z0-9._/+-]'!r}"
     if value.rstrip("/") == "":
         return "the filesystem root"
     return None
+
+
+# ssh options that make ssh run a command on the controller (through the user's shell).
+SSH_COMMAND_OPTIONS = frozenset({"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "match"})
+SSH_ARGS_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%~ -]*$")
+
+
+def _check_ssh_args(value: str) -> str | None:
+    """ansible_ssh_common_args/extra_args reach ssh's argv on the controller: no shell
+    syntax, and none of the options that make ssh execute a command."""
+    if not SSH_ARGS_RE.fullmatch(value):
+        return f"unsafe characters {_unsafe_chars(value.replace(' ', '')) or 'outside the allowed set'!r}"
+    words = value.replace("=", " ").split()
+    runs = sorted({w.lower() for w in words if w.lower() in SSH_COMMAND_OPTIONS})
+    return f"ssh option {', '.join(runs)} runs a local command" if runs else None
 
 
 @dataclass
@@ -719,12 +747,20 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
                 addresses[addr] = name
         if "flagops_nic" in hv:
             nic, ptr = hv["flagops_nic"]
-            if isinstance(nic, str) and not NIC_RE.match(nic):
+            if isinstance(nic, str) and not NIC_RE.fullmatch(nic):
                 unsafe = _unsafe_chars(nic)
                 problems.append(
                     _problem(doc.where(ptr), _show(nic) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
                              "an interface name of up to 15 letters, digits, _ . : -",
                              "use the name `ip -br link` shows, e.g. bond0")
+                )
+        for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+            if key in hv and isinstance(hv[key][0], str) and (why := _check_ssh_args(hv[key][0])):
+                problems.append(
+                    _problem(doc.where(hv[key][1]), f"{_show(hv[key][0])} ({why})",
+                             "ssh options of letters, digits and _ . , : / + = @ % ~ - that run no command",
+                             "keep -o Option=value pairs such as UserKnownHostsFile; for a bastion use "
+                             "-o ProxyJump=user@host instead of ProxyCommand")
                 )
         _check_credentials(hv, doc, problems, secrets_seen)
 
@@ -759,7 +795,7 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
             )
     if "flagops_container_name" in cluster:
         value, ptr = cluster["flagops_container_name"]
-        if isinstance(value, str) and not CONTAINER_NAME_RE.match(value):
+        if isinstance(value, str) and not CONTAINER_NAME_RE.fullmatch(value):
             unsafe = _unsafe_chars(value)
             problems.append(
                 _problem(doc.where(ptr), _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
@@ -810,9 +846,11 @@ def merge_overrides(base: Doc, overrides: Any, inv: Doc, over_ptr: str) -> None:
 
 
 def _check_command(value: str) -> str | None:
+    if any(ord(c) < 32 for c in value):  # a newline or tab would survive the strip() below
+        return f"{_show(value)} (unsafe characters {_unsafe_chars(value)!r})"
     parts = [p.strip() for p in value.split("&&")]
     for part in parts:
-        if not any(rx.match(part) for rx, _ in CMD_FORMS):
+        if not any(rx.fullmatch(part) for rx, _ in CMD_FORMS):
             unsafe = _unsafe_chars(part.replace(" ", ""))
             return f"{_show(part)}" + (f" (unsafe characters {unsafe!r})" if unsafe else " (not an allowed command)")
     return None
@@ -867,7 +905,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                 )
     envs = _mapping(runner.get("envs"))
     for key, value in envs.items():
-        if isinstance(value, str) and not ENV_VALUE_RE.match(value):
+        if isinstance(value, str) and not ENV_VALUE_RE.fullmatch(value):
             unsafe = _unsafe_chars(value)
             problems.append(
                 _problem(doc.where(join_pointer("/runner/envs", key)),
