@@ -57,7 +57,10 @@ def _run(cfg: Any, playbook: str, json_out: bool, **flagops_extra: Any) -> tuple
             if isinstance(res, dict) and res.get("ansible_facts"):
                 facts.append(res["ansible_facts"])
 
-    with state.lock(f"flagops {playbook} {cfg.inventory_file}"):
+    def notice(stale: state.Holder) -> None:
+        click.echo(f"note: taking over the lock left by a dead run ({stale.describe()})", err=True)
+
+    with state.lock(f"flagops {playbook} {cfg.inventory_file}", on_takeover=notice):
         result = runner.run_playbook(playbook, cfg.inventory_file, extravars, json_out=json_out, on_event=on_event)
     if not result.ok:
         where = ", ".join(f"{f['host']}: {f['task']}: {f['msg']}" for f in result.failures)
@@ -135,7 +138,8 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
 @click.command()
 @click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
 @click.option("--release", metavar="NAME")
-@click.option("--probe", is_flag=True, help="Also send a one-token completion (SERVING vs MODEL_LISTED).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Send a one-token completion: SERVING is only claimed when one succeeds.")
 @json_option
 @handle_errors
 def status(inventory: str | None, release: str | None, probe: bool, json_out: bool) -> None:
