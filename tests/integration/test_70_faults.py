@@ -33,6 +33,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -574,9 +575,15 @@ def _holder() -> dict[str, Any] | None:
         return None
 
 
+def lock_free() -> bool:
+    """No live run holds the lock (another helper's run is waited for)."""
+    h = _holder()
+    return h is None or not state.pid_alive(int(h["pid"]))
+
+
 def test_concurrent_runs_refused_by_the_lock(serving: Lab) -> None:
     # wait for any other helper's run, then hold the lock with a real provision
-    poll(lambda: _holder() is None, 600, 1, "the lock to be free")
+    poll(lock_free, 600, 1, "the lock to be free")
     first = subprocess.Popen([sys.executable, "-m", "flagops", "provision", INV, "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -601,7 +608,7 @@ def test_concurrent_runs_refused_by_the_lock(serving: Lab) -> None:
 
 
 def test_stale_lock_of_a_dead_run_is_detected(serving: Lab) -> None:
-    poll(lambda: _holder() is None, 600, 1, "the lock to be free")
+    poll(lock_free, 600, 1, "the lock to be free")
     dead = subprocess.Popen(["true"])
     dead.wait()
     rec = {"pid": dead.pid, "host": socket.gethostname(), "started_at": time.time() - 3600,
@@ -628,7 +635,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_sigint_during_provision(serving: Lab) -> None:
-    poll(lambda: _holder() is None, 600, 1, "the lock to be free")
+    poll(lock_free, 600, 1, "the lock to be free")
     runs_before = set(state.runs_dir().iterdir())
     proc = subprocess.Popen([sys.executable, "-m", "flagops", "provision", INV],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -668,7 +675,7 @@ def test_sigint_during_provision(serving: Lab) -> None:
 
 CANARY = f"/tmp/flagops-canary-{secrets.token_hex(4)}"
 PAYLOADS = [f"x; touch {CANARY}", f"$(touch {CANARY})", f"`touch {CANARY}`", f"x\ntouch {CANARY}",
-            f"x && touch {CANARY}", f"x | touch {CANARY}"]
+            f"x && touch {CANARY}", f"x | touch {CANARY}", f"touch {CANARY}", "x\n"]
 
 
 def _lab_inventory() -> dict[str, Any]:
@@ -723,23 +730,31 @@ def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
     state_before = status()["state"]
     assert canaries(serving) == ""
     runs_before = set(state.runs_dir().iterdir())
-    rejected, slipped = 0, []
-    t0 = time.monotonic()
-    for where in INJECTION_FIELDS:
-        for payload in PAYLOADS:
-            inv = tmp_path / "lab-injected.yaml"
+    cases = []
+    for i, where in enumerate(INJECTION_FIELDS):
+        for j, payload in enumerate(PAYLOADS):
+            inv = tmp_path / f"lab-injected-{i}-{j}.yaml"
             inv.write_text(yaml.safe_dump(_poison(where, payload), sort_keys=False))
-            for cmd in (["provision", str(inv)], ["deploy", "ernie45", "-i", str(inv)]):
-                rc, out, err, _ = fo(*cmd, wait_lock=False)
-                if rc == 2 and "found" in err and "lab-injected.yaml:" in err:
-                    rejected += 1
-                else:
-                    slipped.append((where, payload, cmd[0], rc, err[-500:]))
+            cases.append((where, payload, ["provision", str(inv)]))
+            cases.append((where, payload, ["deploy", "ernie45", "-i", str(inv)]))
+
+    def attempt(case: tuple[str, str, list[str]]) -> tuple[str, str, str, int, str]:
+        where, payload, cmd = case
+        rc, _, err, _ = fo(*cmd, wait_lock=False)
+        return where, payload, cmd[0], rc, err
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, cases))
+    took = time.monotonic() - t0
+    slipped = [(w, p, c, rc, err[-400:]) for w, p, c, rc, err in results
+               if not (rc == 2 and "; expected " in err and "lab-injected-" in err and "Traceback" not in err)]
     assert not slipped, slipped
+    rejected = len(results)
     assert set(state.runs_dir().iterdir()) == runs_before, "an ansible run started for a rejected inventory"
     assert canaries(serving) == "", "a canary appeared: an injected command ran"
     # the same checks run on `status` and `verify`, which contact nodes without ansible
-    inv = tmp_path / "lab-injected.yaml"
+    inv = tmp_path / "lab-injected-status.yaml"
     inv.write_text(yaml.safe_dump(_poison("container name", PAYLOADS[1]), sort_keys=False))
     for cmd in (["status", "-i", str(inv)], ["logs", "-i", str(inv), "-o", str(tmp_path / "l.tgz")],
                 ["stop", "-i", str(inv)], ["verify", "-i", str(inv)]):
@@ -747,7 +762,7 @@ def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
         assert rc == 2 and "unsafe characters" in err, (cmd, rc, err[-800:])
     assert canaries(serving) == ""
     assert status()["state"] == state_before
-    record("injection", detect_s=round((time.monotonic() - t0) / max(rejected, 1), 2), recover_s=0,
+    record("injection", detect_s=round(took / len(results) * 8, 2), recover_s=0,
            message=f"{rejected} runs rejected with exit 2 ({len(INJECTION_FIELDS)} fields x {len(PAYLOADS)} payloads "
                    f"x provision/deploy); no canary, no ansible run")
 
