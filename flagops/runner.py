@@ -263,7 +263,9 @@ def _failure_msg(res: dict[str, Any]) -> str:
         tail = out.strip().splitlines()[-15:]
         msg = (msg.strip() + "\n" if msg.strip() else "") + "\n".join(tail)
     # Keep every line: preflight reports all failures of all nodes in one message.
-    lines = [ln[:300] for ln in msg.strip().splitlines()[:60]]
+    # A long line keeps its head and its tail: the cause ("connection refused") is often
+    # at the end of a long one (docker's "Error pulling image ... 500 Server Error for <url>: ...").
+    lines = [ln if len(ln) <= 400 else ln[:200] + " ... " + ln[-195:] for ln in msg.strip().splitlines()[:60]]
     return "\n".join(lines) if lines else "failed"
 
 
