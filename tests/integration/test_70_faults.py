@@ -894,7 +894,11 @@ def test_raylet_killed_on_worker(serving: Lab) -> None:
     serving.ssh(NODE2, f"docker exec flagos kill -9 {int(pids[0])}")
     t0 = time.monotonic()
     want = "Ray is missing node2 (172.30.0.12, 1 CPU)"
-    st = poll(lambda: (s := status()) if want in s["problems"] else None, 120, 1, "status to name node2's raylet")
+    def named() -> dict[str, Any] | None:
+        st = status()
+        return st if want in st["problems"] else None
+
+    st = poll(named, 120, 1, "status to name node2's raylet")
     detect = time.monotonic() - t0
     assert st["state"] == "DEGRADED"
     assert st["nodes"]["node2"]["ray"]["member"] is False
