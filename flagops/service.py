@@ -318,10 +318,6 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     member = ray_membership(cfg, ray)
     model = served_model(cfg)
     listed = models[0] == 200 and model in [m.get("id") for m in json.loads(models[1]).get("data", [])]
-    serving = False
-    if listed and probe_completion:
-        serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
-
     problems: list[str] = []
     unreachable = [h for h, c in ctr.items() if not c.get("reachable", True)]
     for host, c in ctr.items():
@@ -333,6 +329,13 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         problems.append(f"serve process {proc.get('pid')} is gone ({proc['reason']})")
     if member["missing"] and not member["error"]:
         problems.append("Ray is missing " + ", ".join(member["missing"]))
+
+    # The completion probe only decides SERVING vs MODEL_LISTED. With a node, container or
+    # Ray member already known to be gone the state is DEGRADED (or UNREACHABLE) anyway, and
+    # the request would hang on the broken pipeline for its whole timeout (60 s).
+    serving = False
+    if listed and probe_completion and not problems and not unreachable:
+        serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
 
     if unreachable:
         state = "UNREACHABLE"  # never report STOPPED for a node flagops could not ask
