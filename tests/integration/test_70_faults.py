@@ -380,7 +380,7 @@ def test_worker_paused_during_provision(serving: Lab) -> None:
     assert dep[0] == 0, dep[2][-3000:]
     assert status(probe=True)["state"] == "SERVING"
     record("worker_down", detect_s=round(took, 1), recover_s=round(time.monotonic() - t0, 1),
-           message=[ln for ln in text.splitlines() if "node2" in ln][:3])
+           message=[ln.strip() for ln in text.splitlines() if "node2: ssh:" in ln][:1])
 
 
 # --------------------------------------------------------------------------- 2. registry down
@@ -408,7 +408,7 @@ def test_registry_unreachable_during_pull(serving: Lab, paths: LabPaths) -> None
     assert rc == 0, run_result(out)["failures"]
     assert node_ids(serving) == before
     record("registry_down", detect_s=round(took, 1), recover_s=round(time.monotonic() - t0, 1),
-           message=[ln for ln in err.splitlines() if "5000" in ln][:2])
+           message=text[text.find("Error pulling image"):][:60] + " ... " + text[text.find("dial tcp"):][:70])
 
 
 # --------------------------------------------------------------------------- 3. weights killed
@@ -675,6 +675,7 @@ def test_sigint_during_provision(serving: Lab) -> None:
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
     assert "Traceback" not in out + err, err[-3000:]
     assert "provision interrupted by SIGINT" in err and "Re-run to converge" in err, err[-2000:]
+    message = err.strip().splitlines()[-1]
     assert took < 15, f"{took:.1f}s to stop"
     assert _holder() is None, "the lock record outlived the interrupted run"
     time.sleep(0.5)
@@ -684,7 +685,7 @@ def test_sigint_during_provision(serving: Lab) -> None:
     assert rc == 0, run_result(out)["failures"]
     assert status(probe=True)["state"] == "SERVING"
     record("sigint", detect_s=round(took, 1), recover_s=round(time.monotonic() - t1, 1),
-           message=err.strip().splitlines()[-1] if err.strip() else "")
+           message=message)
 
 
 # --------------------------------------------------------------------------- 8. injection
