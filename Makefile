@@ -9,7 +9,7 @@ WHEEL_CACHE ?= .cache/wheels
 COLLECTIONS_DIR := .ansible/collections/ansible_collections
 COLLECTIONS := community/docker ansible/posix
 
-.PHONY: setup venv collections test-unit test test-lab quickstart lab-down
+.PHONY: setup venv collections test-unit test test-lab test-slow quickstart lab-down
 
 setup: venv collections
 
@@ -53,7 +53,12 @@ test: setup
 	$(MAKE) test-lab
 
 test-lab: setup
-	$(PY) -m pytest tests/integration -q -x -p no:cacheprovider
+	$(PY) -m pytest tests/integration -q -x -p no:cacheprovider -m "not slow"
+
+# The slow proofs (a full PP=2 serving proof of the image, and the fault tests that
+# kill a container or a raylet and redeploy): about 10 minutes more on the lab.
+test-slow: setup
+	$(PY) -m pytest tests/integration -q -p no:cacheprovider -m slow
 
 # The README's newcomer path on the embedded default: the lab.
 quickstart: setup
