@@ -140,6 +140,14 @@ def _nonce_ops(p, failures, facts):
             os.unlink(p["nonce_remove"])
         except FileNotFoundError:
             pass
+        # Leave no trace: drop the directories the nonce needed if nothing else is in them.
+        d = os.path.dirname(p["nonce_remove"])
+        for _ in range(2):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
 
 
 def main():
