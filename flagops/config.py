@@ -563,6 +563,12 @@ def _unsafe_chars(value: str) -> str:
     return "".join(bad).encode("unicode_escape").decode()
 
 
+def _show_unsafe(value: str) -> str:
+    """The found value, naming its shell-unsafe characters when it has any."""
+    unsafe = _unsafe_chars(value)
+    return _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else "")
+
+
 def _check_templates(doc: Doc, problems: list[Problem], *, secrets_allowed: bool) -> None:
     """Only credential fields may be Jinja templates; elsewhere a template would reach
     FlagScale's files unrendered or be rendered by Ansible from untrusted input."""
@@ -748,9 +754,8 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
         if "flagops_nic" in hv:
             nic, ptr = hv["flagops_nic"]
             if isinstance(nic, str) and not NIC_RE.fullmatch(nic):
-                unsafe = _unsafe_chars(nic)
                 problems.append(
-                    _problem(doc.where(ptr), _show(nic) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                    _problem(doc.where(ptr), _show_unsafe(nic),
                              "an interface name of up to 15 letters, digits, _ . : -",
                              "use the name `ip -br link` shows, e.g. bond0")
                 )
@@ -796,9 +801,8 @@ def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
     if "flagops_container_name" in cluster:
         value, ptr = cluster["flagops_container_name"]
         if isinstance(value, str) and not CONTAINER_NAME_RE.fullmatch(value):
-            unsafe = _unsafe_chars(value)
             problems.append(
-                _problem(doc.where(ptr), _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                _problem(doc.where(ptr), _show_unsafe(value),
                          "a docker container name [a-zA-Z0-9][a-zA-Z0-9_.-]*",
                          "use a plain name such as flagos")
             )
@@ -906,10 +910,9 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     envs = _mapping(runner.get("envs"))
     for key, value in envs.items():
         if isinstance(value, str) and not ENV_VALUE_RE.fullmatch(value):
-            unsafe = _unsafe_chars(value)
             problems.append(
                 _problem(doc.where(join_pointer("/runner/envs", key)),
-                         _show(value) + (f" (unsafe characters {unsafe!r})" if unsafe else ""),
+                         _show_unsafe(value),
                          "a value of letters, digits and _ . , : / + = @ % - (FlagScale writes "
                          "`export K=V` unquoted inside bash -c '...')",
                          "drop the shell characters; set complex values in the image instead")
