@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +63,14 @@ def main() -> None:
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     doc = next(e for e in reversed(events) if "action" in e)
     # The FlagScale runner (ray start on both nodes over ssh, vllm launch) is one task.
-    serve_task = next(e for e in events if e.get("event") == "runner_on_ok" and "flagscale serve" in (e.get("task") or ""))
-    runner_s = float(serve_task.get("duration") or 0.0)
+    # Its wall time from the events' own timestamps: task start to the last host's result.
+    def _t(e: dict) -> float:
+        return datetime.fromisoformat(e["created"]).timestamp()
+
+    serve = [e for e in events if "flagscale serve" in (e.get("task") or "")]
+    started = next(e for e in serve if e.get("event") == "playbook_on_task_start")
+    ended = [e for e in serve if e.get("event") in ("runner_on_ok", "runner_on_failed")]
+    runner_s = max(_t(e) for e in ended) - _t(started)
     stages = {s["name"]: s for s in doc["stages"]}
     vllm_s = stages["LOADING"]["at"] - (t_start + doc["seconds"]["playbook"])  # vLLM load after the playbook
     lag = stages["LOADING"]["at"] - seen["t"] if "t" in seen else None

@@ -76,9 +76,24 @@ def memory(paths: LabPaths) -> dict[str, int]:
     return out
 
 
+def remove_host_packages() -> None:
+    from flagops.lab.engine import HOST_TOOLS
+
+    pkgs = sorted({HOST_TOOLS[t] for t in ("dockerd", "docker-registry", "mmdebstrap", "socat", "nginx")})
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "remove", "-y", *pkgs], env=env, check=True, capture_output=True)
+    subprocess.run(["apt-get", "autoremove", "-y"], env=env, check=True, capture_output=True)
+    subprocess.run(["apt-get", "clean"], env=env, check=True, capture_output=True)
+    print(f"removed {' '.join(pkgs)} and cleaned apt's cache", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", action="store_true", help="also time a cold up after `down --purge`")
+    parser.add_argument("--remove-host-packages", action="store_true",
+                        help="with --cold: also apt-get remove the host packages `lab up` installs (docker.io, "
+                        "docker-registry, mmdebstrap, socat, nginx-light) and clean apt's cache, as on a fresh "
+                        "machine. For a throwaway dev/CI machine only")
     parser.add_argument("-o", "--out", type=Path, default=REPO / "bench" / "results" / "lab_up.json")
     args = parser.parse_args()
     paths = LabPaths.default()
@@ -87,6 +102,8 @@ def main() -> int:
     lab("up")  # make sure a lab exists before the timed runs
     if args.cold:
         lab("down", "--purge")
+        if args.remove_host_packages:
+            remove_host_packages()
         results["cold"] = lab("up")
     lab("down")
     results["after_down"] = lab("up")

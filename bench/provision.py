@@ -56,6 +56,24 @@ def recap(out: str) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
+def slowest_tasks(out: str, top: int = 10) -> list[dict]:
+    """Wall time of each task from the --json event stream (task start to the next start)."""
+    from datetime import datetime
+
+    marks = []
+    for line in out.splitlines():
+        ev = json.loads(line)
+        if ev.get("event") in ("playbook_on_task_start", "playbook_on_play_start", "playbook_on_stats"):
+            marks.append((datetime.fromisoformat(ev["created"]).timestamp(), ev.get("task") if
+                          ev["event"] == "playbook_on_task_start" else None))
+    walls: dict[str, float] = {}
+    for (t, name), (t_next, _) in zip(marks, marks[1:]):
+        if name:
+            walls[name] = walls.get(name, 0.0) + t_next - t
+    ranked = sorted(walls.items(), key=lambda kv: -kv[1])[:top]
+    return [{"task": name, "s": round(s, 2)} for name, s in ranked]
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     fresh_nodes()
@@ -74,6 +92,8 @@ def main() -> None:
         "two_node_s": round(t_first, 2),
         "two_over_one_ratio": round(t_first / t_one, 3),
         "check_diff_output": "bench/results/provision-check-diff.txt",
+        "slowest_tasks": {"first": slowest_tasks(out_first), "second": slowest_tasks(out_second),
+                          "one_node": slowest_tasks(out_one)},
     }
     (OUT / "provision.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

