@@ -91,8 +91,9 @@ class Profile:
 
 @dataclass
 class Request:
-    prompt: list[int]
+    prompt: list[int] | str  # token ids, or (after as_text) the text the server tokenizes
     output_len: int
+    prompt_len: int = 0  # tokens intended; the server's usage reports what it saw
 
 
 @dataclass
@@ -210,8 +211,44 @@ def make_requests(profile: Profile, pool: list[int]) -> list[Request]:
     for _ in range(profile.num_prompts):
         n_in = rng.randint(lo_in, profile.input_len)
         n_out = rng.randint(lo_out, profile.output_len)
-        reqs.append(Request(prefix + [rng.choice(pool) for _ in range(n_in)], n_out))
+        ids = prefix + [rng.choice(pool) for _ in range(n_in)]
+        reqs.append(Request(ids, n_out, len(ids)))
     return reqs
+
+
+def as_text(base_url: str, model: str, requests: list[Request], workers: int = 8) -> bool:
+    """Turn each request's token ids into text of the same token count, as vLLM's random
+    dataset does: clients send text, and the server's tokenization is part of TTFT. Uses the
+    server's ``/detokenize`` and ``/tokenize``; False (ids kept) where it has none."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def detok(ids: list[int]) -> str | None:
+        r = http("POST", base_url + "/detokenize", {"model": model, "tokens": ids}, timeout=30)
+        return r.json().get("prompt") if r.status == 200 else None
+
+    def tok(text: str) -> list[int] | None:
+        r = http("POST", base_url + "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False},
+                 timeout=30)
+        return r.json().get("tokens") if r.status == 200 else None
+
+    def convert(req: Request) -> str | None:
+        ids = list(req.prompt) if isinstance(req.prompt, list) else []
+        text = detok(ids)
+        for _ in range(2):  # the round trip may merge or split tokens: trim or pad, then decode again
+            again = tok(text) if text is not None else None
+            if again is None or len(again) == len(ids):
+                break
+            fixed = (again + ids)[:len(ids)]
+            text = detok(fixed)
+        return text
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        texts = list(pool.map(convert, requests))
+    if any(t is None for t in texts):
+        return False
+    for req, text in zip(requests, texts):
+        req.prompt = text
+    return True
 
 
 # --------------------------------------------------------------------------- HTTP client
@@ -302,7 +339,7 @@ async def one_request(client: Client, model: str, req: Request) -> Outcome:
     """Streaming completion, timed as vLLM's async_request_openai_completions does."""
     body = {"model": model, "prompt": req.prompt, "repetition_penalty": 1.0, "max_tokens": req.output_len,
             "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    out = Outcome(prompt_len=len(req.prompt))
+    out = Outcome(prompt_len=req.prompt_len or len(req.prompt))
     buf = ""
     st = time.perf_counter()
     out.start = st
@@ -376,6 +413,7 @@ def run(base_url: str, model: str, profile: Profile, timeout: float = 3600.0) ->
     profile.validate()
     pool = token_pool(base_url, model, profile.seed)
     requests = make_requests(profile, pool)
+    text_prompts = as_text(base_url, model, requests)
     t0 = time.time()
     outcomes, duration, test = asyncio.run(_run(base_url, model, requests, profile.concurrency, timeout))
     doc: dict[str, Any] = {
@@ -389,6 +427,7 @@ def run(base_url: str, model: str, profile: Profile, timeout: float = 3600.0) ->
         "max_concurrency": profile.concurrency,
         "request_rate": "inf",
         "token_pool": len(pool),
+        "prompts": "text" if text_prompts else "token ids",
     }
     if not test.success:
         doc.update(ok=False, error=f"initial test request failed: {test.error}")

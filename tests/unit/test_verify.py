@@ -5,6 +5,7 @@ probe-to-check mapping with the real flaggems_env probe, the bench statistics an
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ class Behaviour:
     token_shift: int = 0  # added to every generated token id after the 4th
     token_ids: bool = True  # False: an old vLLM that ignores return_token_ids
     fail_completions: bool = False
+    detokenize: bool = False  # True: serves /detokenize (token "w<id>" words) as vLLM does
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -102,7 +104,12 @@ class Handler(BaseHTTPRequestHandler):
         b.requests.append({"path": self.path, **body})
         if self.path == "/tokenize":
             words = body["prompt"].split()
+            if b.detokenize and words and all(re.fullmatch(r"w\d+", w) for w in words):
+                self._send(200, {"tokens": [int(w[1:]) for w in words], "count": len(words)})
+                return
             self._send(200, {"tokens": [100 + (sum(map(ord, w)) % 500) for w in words], "count": len(words)})
+        elif self.path == "/detokenize" and b.detokenize:
+            self._send(200, {"prompt": " ".join(f"w{i}" for i in body["tokens"])})
         elif self.path == "/v1/chat/completions":
             n = body.get("max_tokens") or 8
             if not body.get("stream"):
@@ -130,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
             ids = _gen_ids(body["prompt"], n, b.token_shift)
             if body.get("stream"):
                 evs = [json.dumps({"choices": [{"index": 0, "text": f"t{i}"}]}) for i in range(n)]
-                plen = len(body["prompt"]) if isinstance(body["prompt"], list) else 3
+                plen = len(body["prompt"]) if isinstance(body["prompt"], list) else len(body["prompt"].split())
                 evs += [json.dumps({"choices": [], "usage": {"prompt_tokens": plen, "completion_tokens": n}}),
                         "[DONE]"]
                 self._sse(evs)
@@ -480,13 +487,25 @@ def test_bench_run_against_the_server(server: tuple[str, Behaviour]) -> None:
     url, b = server
     res = bench.run(url, MODEL, bench.Profile(input_len=16, output_len=5, num_prompts=6, range_ratio=1,
                                               concurrency=2))
-    assert res["ok"] and res["completed"] == 6 and res["failed"] == 0
+    assert res["ok"] and res["completed"] == 6 and res["failed"] == 0 and res["prompts"] == "token ids"
     assert res["total_output_tokens"] == 30 and res["total_input_tokens"] == 96
     assert res["mean_ttft_ms"] > 0 and res["mean_itl_ms"] > 0 and res["request_throughput"] > 0
     streamed = [r for r in b.requests if r["path"] == "/v1/completions"]
     assert len(streamed) == 7  # the uncounted test request + 6
     assert all(r["stream"] and r["ignore_eos"] and r["stream_options"] == {"include_usage": True}
                for r in streamed)
+
+
+def test_bench_sends_text_prompts_where_the_server_detokenizes(server: tuple[str, Behaviour]) -> None:
+    """Like vLLM's random dataset: text of the intended token count, so the server's own
+    tokenization is inside TTFT; without /detokenize the ids are sent (previous test)."""
+    url, b = server
+    b.detokenize = True
+    res = bench.run(url, MODEL, bench.Profile(input_len=16, output_len=5, num_prompts=6, range_ratio=1))
+    assert res["ok"] and res["prompts"] == "text"
+    streamed = [r for r in b.requests if r["path"] == "/v1/completions"]
+    assert all(isinstance(r["prompt"], str) and len(r["prompt"].split()) == 16 for r in streamed)
+    assert res["total_input_tokens"] == 96
 
 
 def test_bench_reports_failed_requests(server: tuple[str, Behaviour]) -> None:
