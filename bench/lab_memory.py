@@ -114,8 +114,9 @@ class Sampler(threading.Thread):
 def flagops(*args: str) -> float:
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "flagops", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode not in (0,):
-        raise SystemExit(f"flagops {' '.join(args)} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if done.returncode != 0:
+        tail = done.stdout[-2000:] + done.stderr[-2000:]
+        raise SystemExit(f"flagops {' '.join(args)} exited {done.returncode}:\n{tail}")
     return time.monotonic() - t0
 
 

@@ -67,7 +67,7 @@ def slowest_tasks(out: str, top: int = 10) -> list[dict]:
             marks.append((datetime.fromisoformat(ev["created"]).timestamp(), ev.get("task") if
                           ev["event"] == "playbook_on_task_start" else None))
     walls: dict[str, float] = {}
-    for (t, name), (t_next, _) in zip(marks, marks[1:]):
+    for (t, name), (t_next, _) in zip(marks, marks[1:], strict=False):
         if name:
             walls[name] = walls.get(name, 0.0) + t_next - t
     ranked = sorted(walls.items(), key=lambda kv: -kv[1])[:top]

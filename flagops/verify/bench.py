@@ -246,7 +246,7 @@ def as_text(base_url: str, model: str, requests: list[Request], workers: int = 8
         texts = list(pool.map(convert, requests))
     if any(t is None for t in texts):
         return False
-    for req, text in zip(requests, texts):
+    for req, text in zip(requests, texts, strict=True):
         req.prompt = text
     return True
 
