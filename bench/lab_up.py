@@ -25,7 +25,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flagops.lab import nodes, procs  # noqa: E402
+from bench.lab_memory import Sampler  # noqa: E402
+from flagops.lab import nodes  # noqa: E402
 from flagops.lab.engine import connect  # noqa: E402
 from flagops.lab.lab import IMAGE_REF, IMAGE_TAG, PUSH_REPO  # noqa: E402
 from flagops.lab.paths import LabPaths  # noqa: E402
@@ -59,21 +60,10 @@ def image_sizes() -> dict[str, int]:
 
 
 def memory(paths: LabPaths) -> dict[str, int]:
-    """Bytes in use: each node container (cgroup usage minus page cache) and each host service (RSS)."""
-    client = connect()
-    assert client is not None
-    out: dict[str, int] = {}
-    for node in nodes.NODES:
-        stats = client.containers.get(node.container).stats(stream=False)["memory_stats"]
-        out[node.container] = stats["usage"] - stats.get("stats", {}).get("total_inactive_file", 0)
-    for name in procs.names(paths.pids):
-        record = procs.read(paths.pids, name)
-        if record is not None and procs.alive(record):
-            for line in Path(f"/proc/{record.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out[name] = int(line.split()[1]) * 1024
-    out["total"] = sum(out.values())
-    return out
+    """Bytes in use now, as bench/lab_memory.py samples them: each node's cgroup minus
+    inactive page cache, and the host services' RSS."""
+    s = Sampler(paths, interval=0).sample()
+    return {**{n.container: s[n.container] for n in nodes.NODES}, "services": s["services"], "total": s["lab"]}
 
 
 def remove_host_packages() -> None:
