@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
-import socket
 import subprocess
 import textwrap
 from typing import TYPE_CHECKING
 
 import pytest
 
-from flagops.lab import nodes, procs
+from flagops.lab import nodes
 from flagops.lab.lab import IMAGE_REF
 from flagops.lab.nodes import NODES
 

@@ -35,7 +35,7 @@ def run_probe(name, *args, env=None, timeout=240):
                           text=True, env=full_env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1, "stdout must hold exactly one JSON document: %r" % proc.stdout[:500]
+    assert len(lines) == 1, f"stdout must hold exactly one JSON document: {proc.stdout[:500]!r}"
     doc = json.loads(lines[0])
     assert set(doc) == {"probe", "status", "reason", "values", "items"}
     assert doc["probe"] == name

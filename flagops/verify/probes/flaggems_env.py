@@ -70,7 +70,7 @@ def find_raylet():
         if not entry.isdigit():
             continue
         try:
-            with open("/proc/%s/cmdline" % entry, "rb") as fh:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
         except OSError:
             continue
@@ -84,7 +84,7 @@ def check_import():
     try:
         import torch  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        return (item("import", "skip", "torch not importable: %s: %s" % (type(exc).__name__, exc)),
+        return (item("import", "skip", f"torch not importable: {type(exc).__name__}: {exc}"),
                 None, "torch not importable")
     try:
         # flag_gems prints while importing; keep stdout for our JSON.
@@ -93,15 +93,15 @@ def check_import():
     except RuntimeError as exc:
         msg = str(exc)
         if "no device" in msg.lower():
-            reason = "flag_gems cannot load without a GPU: RuntimeError: %s" % msg.strip()
+            reason = f"flag_gems cannot load without a GPU: RuntimeError: {msg.strip()}"
             return item("import", "skip", reason), None, reason
-        return (item("import", "fail", "import flag_gems raised RuntimeError: %s" % msg,
+        return (item("import", "fail", f"import flag_gems raised RuntimeError: {msg}",
                      traceback=traceback.format_exc(limit=-3)), None, None)
     except Exception as exc:  # noqa: BLE001
-        return (item("import", "fail", "flag_gems not importable: %s: %s" % (type(exc).__name__, exc),
+        return (item("import", "fail", f"flag_gems not importable: {type(exc).__name__}: {exc}",
                      traceback=traceback.format_exc(limit=-3)), None, None)
     version = getattr(flag_gems, "__version__", None)
-    return (item("import", "pass", "flag_gems %s imported" % version, version=version,
+    return (item("import", "pass", f"flag_gems {version} imported", version=version,
                  file=getattr(flag_gems, "__file__", None)), flag_gems, None)
 
 
@@ -112,15 +112,15 @@ def check_signature(fg):
     try:
         sig = inspect.signature(enable)
     except (TypeError, ValueError) as exc:
-        return item("enable_signature", "fail", "cannot inspect flag_gems.enable: %s" % exc)
+        return item("enable_signature", "fail", f"cannot inspect flag_gems.enable: {exc}")
     params = list(sig.parameters)
     try:
         sig.bind(**VLLM_ENABLE_KWARGS)
     except TypeError as exc:
         return item(
             "enable_signature", "fail",
-            "flag_gems.enable%s rejects the patched vLLM's call (%s): the worker "
-            "falls back to native torch silently" % (sig, exc),
+            f"flag_gems.enable{sig} rejects the patched vLLM's call ({exc}): the worker "
+            "falls back to native torch silently",
             signature=str(sig), parameters=params, forward_only=False)
     explicit = "forward_only" in sig.parameters
     return item(
@@ -147,9 +147,9 @@ def main(argv=None):
     elif fg is None:
         items.append(item("version", "skip", "flag_gems not imported", expected=args.expect_version))
     elif version == args.expect_version:
-        items.append(item("version", "pass", "flag_gems %s as pinned" % version, version=version))
+        items.append(item("version", "pass", f"flag_gems {version} as pinned", version=version))
     else:
-        items.append(item("version", "fail", "flag_gems %s, release pins %s" % (version, args.expect_version),
+        items.append(item("version", "fail", f"flag_gems {version}, release pins {args.expect_version}",
                           version=version, expected=args.expect_version))
 
     if fg is None:
@@ -159,7 +159,7 @@ def main(argv=None):
 
     val = os.environ.get("USE_FLAGGEMS")
     items.append(item("env_process", "pass" if env_truthy(val) else "fail",
-                      "USE_FLAGGEMS=%r in this process" % val, USE_FLAGGEMS=val))
+                      f"USE_FLAGGEMS={val!r} in this process", USE_FLAGGEMS=val))
 
     if args.raylet_pid is None:
         items.append(item("env_raylet", "skip", "no --raylet-pid given"))
@@ -184,11 +184,11 @@ def main(argv=None):
         try:
             size = os.path.getsize(path)
         except OSError:
-            items.append(item("oplog", "fail", "%s missing: no worker enabled FlagGems with record=True" % path,
+            items.append(item("oplog", "fail", f"{path} missing: no worker enabled FlagGems with record=True",
                               path=path))
         else:
             lines, ops = 0, set()
-            with open(path, "r", errors="replace") as fh:
+            with open(path, errors="replace") as fh:
                 for line in fh:
                     lines += 1
                     if "GEMS" in line and len(ops) < 1000:
@@ -209,7 +209,7 @@ def main(argv=None):
         status = "fail"
         reason = "; ".join(i["reason"] for i in items if i["status"] == "fail")
     else:
-        status, reason = "pass", "flag_gems %s importable, enable() takes forward_only, USE_FLAGGEMS set" % version
+        status, reason = "pass", f"flag_gems {version} importable, enable() takes forward_only, USE_FLAGGEMS set"
     doc = {"probe": PROBE, "status": status, "reason": reason, "values": values, "items": items}
     sys.stdout.write(json.dumps(doc, sort_keys=True, default=str) + "\n")
     return 0

@@ -64,8 +64,8 @@ def parse(stdout):
             continue
         cols = [c.strip() for c in line.split(",")]
         if len(cols) != len(FIELDS):
-            raise ValueError("unexpected nvidia-smi line: %r" % line)
-        row = dict(zip(FIELDS, cols))
+            raise ValueError(f"unexpected nvidia-smi line: {line!r}")
+        row = dict(zip(FIELDS, cols, strict=False))
         gpus.append(
             {
                 "index": _num(row["index"]),
@@ -93,20 +93,20 @@ def main(argv=None):
 
     exe = shutil.which(args.nvidia_smi)
     if exe is None:
-        return emit("skip", "nvidia-smi not found (%s): no NVIDIA driver on this node" % args.nvidia_smi)
+        return emit("skip", f"nvidia-smi not found ({args.nvidia_smi}): no NVIDIA driver on this node")
     cmd = [exe, "--query-gpu=" + ",".join(FIELDS), "--format=csv,noheader,nounits"]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=args.timeout, check=False
         )
     except subprocess.TimeoutExpired:
-        return emit("fail", "nvidia-smi timed out after %.0f s" % args.timeout,
+        return emit("fail", f"nvidia-smi timed out after {args.timeout:.0f} s",
                     {"command": " ".join(cmd)})
     except OSError as exc:
-        return emit("skip", "nvidia-smi could not run: %s" % exc)
+        return emit("skip", f"nvidia-smi could not run: {exc}")
     out = (proc.stdout or "") + (proc.stderr or "")
     if any(m in out.lower() for m in NO_DEVICE_MARKERS):
-        return emit("skip", "nvidia-smi: no GPUs on this node (%s)" % out.strip()[:200])
+        return emit("skip", f"nvidia-smi: no GPUs on this node ({out.strip()[:200]})")
     if proc.returncode != 0:
         return emit("fail", "nvidia-smi exited %d: %s" % (proc.returncode, out.strip()[:400]),
                     {"command": " ".join(cmd)})
@@ -125,18 +125,18 @@ def main(argv=None):
         ecc = g["ecc_uncorrected_volatile"]
         if ecc:
             st, why = "fail", "%d uncorrected volatile ECC errors" % ecc
-            problems.append("GPU %s: %s" % (g["index"], why))
+            problems.append("GPU {}: {}".format(g["index"], why))
         elif ecc is None:
-            st, why = "pass", "ECC counter not available (%s)" % g["ecc_mode"]
+            st, why = "pass", "ECC counter not available ({})".format(g["ecc_mode"])
         else:
             st, why = "pass", "no uncorrected ECC errors"
-        items.append({"name": "gpu%s" % g["index"], "status": st, "reason": why, "values": g})
+        items.append({"name": "gpu{}".format(g["index"]), "status": st, "reason": why, "values": g})
     if args.expect_gpus is not None and len(gpus) != args.expect_gpus:
         problems.append("%d GPUs, expected %d" % (len(gpus), args.expect_gpus))
     if args.expect_driver and drivers != [args.expect_driver]:
-        problems.append("driver %s, expected %s" % (",".join(drivers), args.expect_driver))
+        problems.append("driver {}, expected {}".format(",".join(drivers), args.expect_driver))
     if len(drivers) > 1:
-        problems.append("mixed driver versions %s" % drivers)
+        problems.append(f"mixed driver versions {drivers}")
 
     values = {
         "gpu_count": len(gpus),

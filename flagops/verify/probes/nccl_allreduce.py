@@ -145,7 +145,7 @@ def main(argv=None):
         import torch
         import torch.multiprocessing as mp
     except Exception as exc:  # noqa: BLE001
-        return emit(real_out, "skip", "torch not importable: %s: %s" % (type(exc).__name__, exc), values)
+        return emit(real_out, "skip", f"torch not importable: {type(exc).__name__}: {exc}", values)
     if not torch.cuda.is_available():
         return emit(real_out, "skip", "no CUDA GPU visible to torch", values)
     ngpu = torch.cuda.device_count()
@@ -199,9 +199,9 @@ def main(argv=None):
     values["rows"] = rows
     values["workers"] = [results[r]["info"] for r in sorted(results)]
     values["nccl_version"] = lead["info"]["nccl_version"]
-    items = [{"name": "%gMiB" % r["size_mib"],
+    items = [{"name": "{:g}MiB".format(r["size_mib"]),
               "status": "pass" if r["wrong_elements_max_rank"] == 0 else "fail",
-              "reason": "busbw %.1f GB/s, %.3f ms%s" % (r["busbw_GBps"], r["time_ms"],
+              "reason": "busbw {:.1f} GB/s, {:.3f} ms{}".format(r["busbw_GBps"], r["time_ms"],
                                                        "" if r["wrong_elements_max_rank"] == 0
                                                        else ", %d wrong elements" % r["wrong_elements_max_rank"]),
               "values": r} for r in rows]
@@ -211,9 +211,9 @@ def main(argv=None):
     summary = "%d ranks, busbw %.1f GB/s at %g MiB" % (world, largest["busbw_GBps"], largest["size_mib"])
     problems = [i["name"] + ": wrong sum" for i in items if i["status"] == "fail"]
     if nvls != ["0"]:
-        problems.append("workers saw NCCL_NVLS_ENABLE=%s" % nvls)
+        problems.append(f"workers saw NCCL_NVLS_ENABLE={nvls}")
     if args.min_busbw is not None and largest["busbw_GBps"] < args.min_busbw:
-        problems.append("busbw %.1f < required %.1f GB/s" % (largest["busbw_GBps"], args.min_busbw))
+        problems.append("busbw {:.1f} < required {:.1f} GB/s".format(largest["busbw_GBps"], args.min_busbw))
     if problems:
         return emit(real_out, "fail", summary + ": " + "; ".join(problems), values, items)
     return emit(real_out, "pass", summary, values, items)

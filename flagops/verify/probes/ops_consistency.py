@@ -93,7 +93,7 @@ def err_stats(res, ref, rtol, atol):
     r = res.detach().to(torch.float64)
     f = ref.detach().to(torch.float64)
     if r.shape != f.shape:
-        raise ValueError("shape %s != reference %s" % (tuple(r.shape), tuple(f.shape)))
+        raise ValueError(f"shape {tuple(r.shape)} != reference {tuple(f.shape)}")
     nonfinite = int((~torch.isfinite(r)).sum().item())
     diff = (r - f).abs()
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
@@ -115,7 +115,7 @@ def _num(x):
         return "nan"
     if math.isinf(x):
         return "inf"
-    return float("%.4g" % x)
+    return float(f"{x:.4g}")
 
 
 def check_close(ctx, res, ref, dtype, reduce_dim=1, exact=False):
@@ -184,7 +184,7 @@ class Case:
 
     @property
     def name(self):
-        return "%s[%s%s]" % (self.op, dtype_name(self.dtype) if self.dtype else "-",
+        return "{}[{}{}]".format(self.op, dtype_name(self.dtype) if self.dtype else "-",
                              "," + self.variant if self.variant else "")
 
 
@@ -530,7 +530,7 @@ def fused_cases(ctx, dtypes):
 def short_tb(exc):
     tb = traceback.extract_tb(exc.__traceback__)
     where = "%s:%d in %s" % (tb[-1].filename, tb[-1].lineno, tb[-1].name) if tb else ""
-    return "%s: %s" % (type(exc).__name__, exc), where
+    return f"{type(exc).__name__}: {exc}", where
 
 
 def fused_available(ctx, names):
@@ -563,7 +563,7 @@ def run_case(ctx, case, inject):
         inp = case.build(case.dtype)
     except Exception as exc:  # noqa: BLE001
         err, where = short_tb(exc)
-        return "fail", "building inputs raised %s" % err, dict(vals, error=err, error_where=where)
+        return "fail", f"building inputs raised {err}", dict(vals, error=err, error_where=where)
     vals["shapes"] = {k: list(v.shape) for k, v in inp.items() if torch.is_tensor(v)}
 
     # reference: upcast (fp64) for aten ops; fused refs are fp32 torch compositions
@@ -579,11 +579,11 @@ def run_case(ctx, case, inject):
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001
         err, where = short_tb(exc)
-        return "skip", "native torch reference raised %s" % err, dict(vals, error=err, error_where=where)
+        return "skip", f"native torch reference raised {err}", dict(vals, error=err, error_where=where)
 
     def gems_call():
         if inject.get("raise") == case.op:
-            raise TypeError("injected failure for %s" % case.op)
+            raise TypeError(f"injected failure for {case.op}")
         out = fused_fn(inp) if fused_fn else case.run(inp)
         if inject.get("error") == case.op:
             out = tuple(o * 1.05 + 0.01 if o.is_floating_point() else o for o in out) \
@@ -604,7 +604,7 @@ def run_case(ctx, case, inject):
         if ctx.cuda:
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize()
-        return "fail", "flag_gems raised %s" % err, dict(vals, raised=True, error=err, error_where=where)
+        return "fail", f"flag_gems raised {err}", dict(vals, raised=True, error=err, error_where=where)
     finally:
         log_lines = []
         if log_path:
@@ -627,7 +627,7 @@ def run_case(ctx, case, inject):
         ok, st, msg = case.check(ctx, res, ref, nat, inp, case.dtype)
     except Exception as exc:  # noqa: BLE001
         err, where = short_tb(exc)
-        return "fail", "comparison raised %s (result shape/dtype differs?)" % err, \
+        return "fail", f"comparison raised {err} (result shape/dtype differs?)", \
             dict(vals, error=err, error_where=where)
     vals.update(st)
 
@@ -727,12 +727,12 @@ def _main(argv, real_out):
         import torch.nn.functional as _F
         torch, F = _torch, _F
     except Exception as exc:  # noqa: BLE001
-        return emit("skip", "torch not importable: %s: %s" % (type(exc).__name__, exc))
+        return emit("skip", f"torch not importable: {type(exc).__name__}: {exc}")
     values = {"torch": torch.__version__}
     try:
         dtypes = [getattr(torch, DTYPE_NAMES[d.strip()]) for d in args.dtypes.split(",") if d.strip()]
     except KeyError as exc:
-        return emit("fail", "unknown dtype %s (use bf16,fp16,fp32)" % exc, values)
+        return emit("fail", f"unknown dtype {exc} (use bf16,fp16,fp32)", values)
 
     fg = None
     if args.self_test:
@@ -748,10 +748,10 @@ def _main(argv, real_out):
             fg = flag_gems
         except RuntimeError as exc:
             if "no device" in str(exc).lower():
-                return emit("skip", "flag_gems cannot load without a GPU: RuntimeError: %s" % exc, values)
-            return emit("fail", "import flag_gems raised RuntimeError: %s" % exc, values)
+                return emit("skip", f"flag_gems cannot load without a GPU: RuntimeError: {exc}", values)
+            return emit("fail", f"import flag_gems raised RuntimeError: {exc}", values)
         except Exception as exc:  # noqa: BLE001
-            return emit("fail", "flag_gems not importable: %s: %s" % (type(exc).__name__, exc), values)
+            return emit("fail", f"flag_gems not importable: {type(exc).__name__}: {exc}", values)
         values["flag_gems"] = getattr(fg, "__version__", None)
         values["device"] = torch.cuda.get_device_name(device)
         try:
@@ -797,14 +797,14 @@ def run_all(ctx, cases, inject, items, t_start, args, values, document, write_ou
     for case in cases:
         if time.time() - t_start > args.budget_s:
             items.append({"name": case.name, "status": "skip",
-                          "reason": "time budget of %.0f s used up" % args.budget_s, "values": {}})
+                          "reason": f"time budget of {args.budget_s:.0f} s used up", "values": {}})
             continue
         t0 = time.time()
         try:
             status, reason, vals = run_case(ctx, case, inject)
         except Exception as exc:  # noqa: BLE001 - a harness bug in one case must not hide the rest
             err, where = short_tb(exc)
-            status, reason, vals = "fail", "probe harness error: %s" % err, {"error_where": where}
+            status, reason, vals = "fail", f"probe harness error: {err}", {"error_where": where}
         vals["case_s"] = round(time.time() - t0, 2)
         items.append({"name": case.name, "status": status, "reason": reason, "values": vals})
         print("%-48s %-4s %s" % (case.name, status, reason[:120]), file=sys.stderr, flush=True)
@@ -818,7 +818,7 @@ def finish(items, values, emit):
     failed = [i["name"] for i in items if i["status"] == "fail"]
     summary = "%d pass, %d fail, %d skip" % (counts["pass"], counts["fail"], counts["skip"])
     if values.get("interrupted"):
-        return emit("fail", summary + "; interrupted (%s) before all cases ran" % values["interrupted"],
+        return emit("fail", summary + "; interrupted ({}) before all cases ran".format(values["interrupted"]),
                     values, items)
     if failed:
         return emit("fail", summary + "; failed: " + ", ".join(failed), values, items)

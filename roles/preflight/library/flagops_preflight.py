@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Collect one node's preflight facts in a single round trip and judge them.
 
 Every check appends a failure with ``found``/``required``/``fix`` instead of
@@ -9,6 +8,7 @@ the master removes again in the same run (net change: none).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -57,9 +57,9 @@ def _run(argv, timeout=20):
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         return p.returncode, p.stdout.strip(), p.stderr.strip()
     except FileNotFoundError:
-        return 127, "", "%s: not found" % argv[0]
+        return 127, "", f"{argv[0]}: not found"
     except subprocess.TimeoutExpired:
-        return 124, "", "%s: timed out after %ss" % (argv[0], timeout)
+        return 124, "", f"{argv[0]}: timed out after {timeout}s"
 
 
 def _vtuple(v):
@@ -78,10 +78,8 @@ def _dir_bytes(path):
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -122,24 +120,22 @@ def _nonce_ops(p, failures, facts):
             with open(path, "w") as fh:
                 fh.write(content)
         except OSError as exc:
-            fail("share_writable", str(exc), "%s writable" % share, "make %s writable for the SSH user" % share)
+            fail("share_writable", str(exc), f"{share} writable", f"make {share} writable for the SSH user")
     if p["nonce_read"]:
         path, content = p["nonce_read"]["path"], p["nonce_read"]["content"]
         try:
             with open(path) as fh:
                 got = fh.read()
         except OSError as exc:
-            got = "missing (%s)" % exc.strerror
+            got = f"missing ({exc.strerror})"
         facts["share_nonce_seen"] = got == content
         if got != content:
             fail("share_is_shared", "nonce written on the master is %s here" % ("different" if not got.startswith("missing") else got),
-                 "the same file system at %s on every node" % share,
-                 "mount the same shared volume at %s on this node" % share)
+                 f"the same file system at {share} on every node",
+                 f"mount the same shared volume at {share} on this node")
     if p["nonce_remove"]:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(p["nonce_remove"])
-        except FileNotFoundError:
-            pass
         # Leave no trace: drop the directories the nonce needed if nothing else is in them.
         d = os.path.dirname(p["nonce_remove"])
         for _ in range(2):
@@ -201,14 +197,14 @@ def main():
             facts["driver"] = None
             facts["gpu_count"] = 0
             fail("nvidia_driver", err or "nvidia-smi failed (rc=%d)" % rc,
-                 ">= %s" % p["min_driver"], "install the NVIDIA driver and make nvidia-smi work")
+                 ">= {}".format(p["min_driver"]), "install the NVIDIA driver and make nvidia-smi work")
         else:
             rows = [r.split(",")[0].strip() for r in out.splitlines() if r.strip()]
             facts["driver"] = rows[0] if rows else None
             facts["gpu_count"] = len(rows)
             if p["min_driver"] and _vtuple(facts["driver"]) < _vtuple(p["min_driver"]):
-                fail("nvidia_driver", facts["driver"], ">= %s" % p["min_driver"],
-                     "upgrade the NVIDIA driver to %s or newer" % p["min_driver"])
+                fail("nvidia_driver", facts["driver"], ">= {}".format(p["min_driver"]),
+                     "upgrade the NVIDIA driver to {} or newer".format(p["min_driver"]))
             if facts["gpu_count"] != p["slots"]:
                 fail("gpu_count", facts["gpu_count"], p["slots"],
                      "set flagops_slots for this host to %d, or fix the missing GPUs" % facts["gpu_count"])
@@ -221,10 +217,10 @@ def main():
     rc, out, err = _run(["docker", "version", "--format", "{{.Server.Version}}"])
     facts["docker"] = out if rc == 0 else None
     if rc != 0:
-        fail("docker", err or "docker version failed (rc=%d)" % rc, ">= %s" % p["min_docker"],
+        fail("docker", err or "docker version failed (rc=%d)" % rc, ">= {}".format(p["min_docker"]),
              "install Docker and start dockerd; the SSH user must be able to run docker")
     elif p["min_docker"] and _vtuple(out) < _vtuple(p["min_docker"]):
-        fail("docker", out, ">= %s" % p["min_docker"], "upgrade Docker to %s or newer" % p["min_docker"])
+        fail("docker", out, ">= {}".format(p["min_docker"]), "upgrade Docker to {} or newer".format(p["min_docker"]))
     if p["slot_type"] == "gpu" and rc == 0:
         rc2, rt, _ = _run(["docker", "info", "--format", "{{json .Runtimes}}"])
         facts["docker_nvidia_runtime"] = "nvidia" in rt
@@ -257,7 +253,7 @@ def main():
     # Shared storage: free space for what is still missing of the weights
     share = p["share_root"]
     if not os.path.isdir(share):
-        fail("share_root", "%s does not exist" % share, "a directory", "mount the shared storage at %s on every node" % share)
+        fail("share_root", f"{share} does not exist", "a directory", f"mount the shared storage at {share} on every node")
         facts["share_free_bytes"] = None
     else:
         st = os.statvfs(share)
@@ -268,7 +264,7 @@ def main():
         if facts["share_free_bytes"] < need:
             fail("share_free_space", "%d bytes free on %s" % (facts["share_free_bytes"], share),
                  ">= %d bytes (weights x 1.1, minus %d already there)" % (need, have),
-                 "free space on %s or point flagops_share_root at a larger volume" % share)
+                 f"free space on {share} or point flagops_share_root at a larger volume")
 
     # Shared storage is one file system: the master writes a nonce, workers read it.
     _nonce_ops(p, failures, facts)
@@ -285,20 +281,20 @@ def main():
             state = "free" if not pids else ("ours" if pids <= ours and pids else "busy")
             facts["ports"][str(port)] = state
             if state == "busy":
-                fail("port_%d" % port, "in use by pid %s" % ",".join(map(str, sorted(pids))),
+                fail("port_%d" % port, "in use by pid {}".format(",".join(map(str, sorted(pids)))),
                      "port %d free" % port, "stop the process holding port %d or change the release's port" % port)
 
     # NIC
     if p["nic"]:
-        if not os.path.isdir("/sys/class/net/%s" % p["nic"]):
-            fail("nic", "%s not present (have: %s)" % (p["nic"], ", ".join(sorted(os.listdir("/sys/class/net")))),
-                 "interface %s" % p["nic"], "fix flagops_nic for this host")
+        if not os.path.isdir("/sys/class/net/{}".format(p["nic"])):
+            fail("nic", "{} not present (have: {})".format(p["nic"], ", ".join(sorted(os.listdir("/sys/class/net")))),
+                 "interface {}".format(p["nic"]), "fix flagops_nic for this host")
         else:
             rc, out, _ = _run(["ip", "-4", "-o", "addr", "show", "dev", p["nic"]])
             m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", out)
             facts["nic_ipv4"] = m.group(1) if m else None
             if not m:
-                fail("nic", "%s has no IPv4 address" % p["nic"], "an IPv4 address", "configure %s" % p["nic"])
+                fail("nic", "{} has no IPv4 address".format(p["nic"]), "an IPv4 address", "configure {}".format(p["nic"]))
 
     facts["time_end"] = time.time()
     module.exit_json(changed=False, facts=facts, failures=failures)

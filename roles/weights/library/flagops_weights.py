@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Fetch model weights into shared storage: resumable, retried, verified.
 
 Files land as ``<file>.part`` and are renamed into place only after their
@@ -84,7 +83,7 @@ class Fetcher:
             req = urllib.request.Request(url, headers=self.headers)
             with urllib.request.urlopen(req, timeout=60) as r:
                 return json.load(r)
-        return self._retrying("GET %s" % url, go)
+        return self._retrying(f"GET {url}", go)
 
     def download(self, url, part, size):
         """Append to ``part`` from where it stops until it holds ``size`` bytes."""
@@ -110,7 +109,7 @@ class Fetcher:
                         out.write(b)
             if os.path.getsize(part) != size:
                 raise ConnectionError("short read: %d of %d bytes" % (os.path.getsize(part), size))
-        return self._retrying("download %s" % url, go)
+        return self._retrying(f"download {url}", go)
 
 
 def _http_listing(src, fetcher):
@@ -164,9 +163,9 @@ def main():
         elif src.get("type") == "modelscope":
             files = _modelscope_listing(src, p["token"])
         else:
-            raise Failure("source.type must be http or modelscope, got %r" % src.get("type"))
+            raise Failure("source.type must be http or modelscope, got {!r}".format(src.get("type")))
     except Failure as exc:
-        module.fail_json(msg="weights: cannot list %s: %s" % (src.get("url") or src.get("id"), exc), **result)
+        module.fail_json(msg="weights: cannot list {}: {}".format(src.get("url") or src.get("id"), exc), **result)
     except ImportError:
         module.fail_json(msg="weights: the ModelScope SDK is not importable on this host; the role installs it into a venv first", **result)
 
@@ -220,7 +219,7 @@ def main():
             part = path + ".part"
             os.makedirs(os.path.dirname(path), exist_ok=True)
             (result["resumed"] if f["why"] == "resume" else result["downloaded"]).append(f["path"])
-            for attempt in (1, 2):
+            for _attempt in (1, 2):
                 try:
                     fetcher.download(f["url"], part, f["size"])
                 except OSError as exc:
@@ -228,12 +227,12 @@ def main():
                         module.fail_json(msg="weights: disk full on %s while writing %s: %d more bytes needed; the partial file stays as .part and is resumed next run" % (dest, part, f["size"] - os.path.getsize(part)), **result)
                     raise
                 except Failure as exc:
-                    module.fail_json(msg="weights: %s (partial data kept in %s, the next run resumes)" % (exc, part), **result)
+                    module.fail_json(msg=f"weights: {exc} (partial data kept in {part}, the next run resumes)", **result)
                 if not f["sha256"] or _sha256(part, p["chunk_bytes"]) == f["sha256"]:
                     break
                 os.unlink(part)  # our own bad download: fetch once more from scratch
             else:
-                module.fail_json(msg="weights: %s: sha256 mismatch twice; the source may be corrupt" % f["url"], **result)
+                module.fail_json(msg="weights: {}: sha256 mismatch twice; the source may be corrupt".format(f["url"]), **result)
             if f["why"] == "corrupt":
                 result["replaced_corrupt"].append(f["path"])
             os.replace(part, path)
@@ -249,7 +248,7 @@ def main():
             shards = sorted(set(json.load(fh)["weight_map"].values()))
         missing = [s for s in shards if not os.path.exists(os.path.join(dest, s))]
         if missing:
-            module.fail_json(msg="weights: shards named in model.safetensors.index.json are missing: %s" % ", ".join(missing), **result)
+            module.fail_json(msg="weights: shards named in model.safetensors.index.json are missing: {}".format(", ".join(missing)), **result)
         result["shards"] = len(shards)
     if not module.check_mode:
         listed = {f["path"] for f in files}
