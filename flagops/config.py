@@ -1,7 +1,8 @@
 """Load, resolve and validate an inventory plus its release (no host is contacted).
 
-The inventory is a plain Ansible YAML inventory. This module reads it the way Ansible
-does for flagops' shape (all.vars < group vars, parents before children < host vars),
+The inventory is a plain Ansible YAML inventory, read by ansible-core itself
+(:mod:`flagops.loader`: ``InventoryManager`` + ``VariableManager``, so ``group_vars/``,
+``host_vars/``, precedence and vault values are what the playbooks see). This module
 merges ``flagops_release_overrides`` over the catalog release, checks both against
 ``schemas/*.json`` and then the cross-field rules that a schema cannot express. Every
 problem is collected and raised at once in a single :class:`ConfigError`, each one
@@ -20,14 +21,14 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from flagops import loader
 from flagops.errors import ConfigError, Location, Problem, join_pointer
+from flagops.loader import Doc, Vault
 
 PKG_DIR = Path(__file__).resolve().parent
 
@@ -35,7 +36,9 @@ PKG_DIR = Path(__file__).resolve().parent
 # and hostfile lines. Anything outside these sets could break out of the command. They are
 # applied with fullmatch: with match, `$` also accepts a trailing newline ("flagos\n").
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%-]*$")
+# A leading ^ is NCCL's exclusion syntax (NCCL_SOCKET_IFNAME=^lo,docker0); bash -c has no
+# history expansion, so it is a plain character there.
+ENV_VALUE_RE = re.compile(r"^\^?[A-Za-z0-9_.,:/+=@%-]*$")
 SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]*$")
 NIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}$")
 HOSTNAME_RE = re.compile(
@@ -44,9 +47,13 @@ HOSTNAME_RE = re.compile(
 )
 SHELL_META = set(";|&$`()<>'\"\\\n\r\t*?[]{}!#~ ")
 TEMPLATE_RE = re.compile(r"\{\{|\{%")
+# The one template a credential field may hold: an env lookup of one variable, optionally
+# with a literal default. Anything else (lookup('pipe', ...), other lookups, filters,
+# expressions) would run on the controller when Ansible renders it.
 CREDENTIAL_TEMPLATE_RE = re.compile(
-    r"^\s*\{\{\s*lookup\(\s*['\"](env|ansible\.builtin\.env)['\"]\s*,\s*['\"][A-Za-z_][A-Za-z0-9_]*['\"]\s*\)"
-    r"\s*(\|\s*default\([^{}]*\)\s*)?\}\}\s*$"
+    r"\s*\{\{\s*lookup\(\s*(?P<q>['\"])(env|ansible\.builtin\.env)(?P=q)\s*,\s*"
+    r"(?P<q2>['\"])[A-Za-z_][A-Za-z0-9_]*(?P=q2)\s*\)"
+    r"(\s*\|\s*default\(\s*(?P<q3>['\"])[A-Za-z0-9_.,:/+=@%-]*(?P=q3)\s*\))?\s*\}\}\s*"
 )
 
 # before_start / after_stop are pasted into `bash -c '...'` on every node and joined with
@@ -74,7 +81,8 @@ CLUSTER_KEYS = (
 )
 # Secrets must come from a lookup or vault; inline values are rejected and never echoed.
 SECRET_KEYS = frozenset(
-    {"flagops_registry_password", "flagops_hub_token", "ansible_password", "ansible_become_password"}
+    {"flagops_registry_password", "flagops_hub_token", "ansible_password", "ansible_become_password",
+     "ansible_ssh_pass", "ansible_become_pass"}
 )
 # Fields that may hold a `{{ lookup(...) }}` (secrets, plus the registry user name).
 TEMPLATABLE_KEYS = SECRET_KEYS | {"flagops_registry_username"}
@@ -82,41 +90,7 @@ MASTER_GROUP = "master"
 WORKER_GROUP = "workers"
 
 
-# --------------------------------------------------------------------------- locations
-
-
-class Vault(str):
-    """An Ansible ``!vault`` value: ciphertext that is passed through and never shown."""
-
-
-@dataclass
-class Doc:
-    """A YAML document with the origin of every value and mapping key.
-
-    ``values``/``keys`` map a JSON pointer *in data* to where it came from, which for a
-    merged release may be another file (the inventory that overrode it).
-    """
-
-    file: str
-    data: Any
-    values: dict[str, Location] = field(default_factory=dict)
-    keys: dict[str, Location] = field(default_factory=dict)
-
-    def where(self, pointer: str, *, key: bool = False) -> Location:
-        if key and pointer in self.keys:
-            return self.keys[pointer]
-        p = pointer
-        while True:
-            if p in self.values:
-                loc = self.values[p]
-                return Location(loc.file, loc.line, loc.col, loc.pointer + pointer[len(p) :])
-            if not p:
-                return Location(self.file, 1, 1, pointer)
-            p = p.rsplit("/", 1)[0]
-
-
-def _problem(loc: Location, found: str, expected: str, fix: str) -> Problem:
-    return Problem(loc, found, expected, fix)
+# --------------------------------------------------------------------------- messages
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -149,88 +123,6 @@ def _type_name(value: Any) -> str:
         dict: "mapping",
         type(None): "null",
     }.get(type(value), type(value).__name__)
-
-
-class _LocLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """Composes nodes (with marks); scalars are built by the safe constructor."""
-
-
-def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-    if node.tag == "!vault":
-        return Vault(node.value)
-    if node.tag == "!unsafe":
-        return str(node.value)
-    return loader.construct_object(node, deep=True)
-
-
-def load_yaml(path: Path, display: str | None = None) -> tuple[Doc, list[Problem]]:
-    """Parse a YAML file keeping line:col of every node. Returns the doc and problems."""
-    name = display or str(path)
-    doc = Doc(name, None)
-    problems: list[Problem] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        problems.append(
-            _problem(Location(name, 1, 1, ""), f"unreadable file ({exc.strerror})",
-                     "a readable YAML file", "check the path")
-        )
-        return doc, problems
-    loader = _LocLoader(text)
-    try:
-        node = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problems.append(
-            _problem(Location(name, line, col, ""), f"invalid YAML ({exc.problem})",
-                     "well-formed YAML", "fix the syntax at this position")
-        )
-        return doc, problems
-    except yaml.YAMLError as exc:
-        problems.append(_problem(Location(name, 1, 1, ""), f"invalid YAML ({exc})",
-                                 "well-formed YAML", "fix the syntax"))
-        return doc, problems
-    try:
-        if node is not None:
-            doc.data = _build(loader, node, "", doc, problems)
-    finally:
-        loader.dispose()
-    return doc, problems
-
-
-def _mark(doc: Doc, node: yaml.Node, pointer: str) -> Location:
-    return Location(doc.file, node.start_mark.line + 1, node.start_mark.column + 1, pointer)
-
-
-def _build(loader: Any, node: yaml.Node, pointer: str, doc: Doc, problems: list[Problem]) -> Any:
-    doc.values[pointer] = _mark(doc, node, pointer)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for knode, vnode in node.value:
-            if knode.tag == "tag:yaml.org,2002:merge":
-                problems.append(
-                    _problem(_mark(doc, knode, pointer), "a YAML merge key '<<'",
-                             "plain mappings", "write the keys out explicitly")
-                )
-                continue
-            raw_key = _scalar(loader, knode) if isinstance(knode, yaml.ScalarNode) else None
-            key = raw_key if isinstance(raw_key, str) else str(raw_key)
-            kp = join_pointer(pointer, key)
-            if key in out:
-                problems.append(
-                    _problem(_mark(doc, knode, kp), f"duplicate key {_show(key)}",
-                             "each key once per mapping", "remove or rename one of them")
-                )
-            doc.keys[kp] = _mark(doc, knode, kp)
-            out[key] = _build(loader, vnode, kp, doc, problems)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _build(loader, item, join_pointer(pointer, i), doc, problems)
-            for i, item in enumerate(node.value)
-        ]
-    return _scalar(loader, node)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -275,10 +167,26 @@ def _expected_from(schema: dict[str, Any], default: str) -> str:
     return str(schema.get("description") or default)
 
 
-def _schema_problems(doc: Doc, schema_name: str, secret_keys: frozenset[str]) -> list[Problem]:
-    from jsonschema import Draft202012Validator
+@cache
+def _validator(schema_name: str, ref: str | None) -> Any:
+    """A Draft 2020-12 validator in which an integer is an ``int``: JSON Schema's own
+    integer type accepts ``8.0``, which would render as ``slots=8.0``."""
+    from jsonschema import Draft202012Validator, validators
 
-    validator = Draft202012Validator(load_schema(schema_name))
+    def is_integer(_checker: Any, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", is_integer)
+    strict = validators.extend(Draft202012Validator, type_checker=checker)
+    schema = load_schema(schema_name)
+    if ref:
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{ref}"}
+    return strict(schema)
+
+
+def _schema_problems(doc: Doc, schema_name: str, secret_keys: frozenset[str],
+                     ref: str | None = None) -> list[Problem]:
+    validator = _validator(schema_name, ref)
     problems: list[Problem] = []
     for err in validator.iter_errors(doc.data):
         problems.extend(_describe(err, doc, secret_keys))
@@ -300,7 +208,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
             if extra in known or any(p.search(extra) for p in patterns):
                 continue
             hint = _did_you_mean(extra, known)
-            yield _problem(
+            yield Problem(
                 doc.where(join_pointer(pointer, extra), key=True),
                 f"unknown key {_show(extra)}",
                 "one of " + ", ".join(known) if len(known) <= 12 else f"one of {len(known)} known keys",
@@ -310,7 +218,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
         for key in err.validator_value:
             if key not in value:
                 sub = schema.get("properties", {}).get(key, {})
-                yield _problem(
+                yield Problem(
                     doc.where(pointer),
                     f"no {_show(key)}",
                     _expected_from(sub, f"a {key!r} key here"),
@@ -318,7 +226,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
                 )
     elif "propertyNames" in err.relative_schema_path:
         # jsonschema reports a bad key at its parent's path, with the key as instance.
-        yield _problem(
+        yield Problem(
             doc.where(join_pointer(pointer, str(value)), key=True),
             f"key {_show(value)}",
             _expected_from(schema, "a valid name"),
@@ -328,7 +236,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
         want = err.validator_value
         want_s = " or ".join(want) if isinstance(want, list) else str(want)
         want_s = want_s.replace("object", "mapping").replace("array", "list")
-        yield _problem(
+        yield Problem(
             doc.where(pointer),
             shown if isinstance(value, dict | list) else f"{_type_name(value)} {shown}",
             f"{want_s}" + (f" ({schema['description']})" if schema.get("description") else ""),
@@ -337,14 +245,14 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
     elif kind in ("enum", "const"):
         choices = err.validator_value if kind == "enum" else [err.validator_value]
         hint = _did_you_mean(str(value), [str(c) for c in choices])
-        yield _problem(
+        yield Problem(
             doc.where(pointer),
             shown,
             "one of " + ", ".join(_show(c) for c in choices),
             f"did you mean {_show(hint)}?" if hint else f"use one of {', '.join(map(str, choices))}",
         )
     elif kind == "pattern":
-        yield _problem(
+        yield Problem(
             doc.where(pointer),
             shown,
             _expected_from(schema, f"a string matching {err.validator_value}"),
@@ -352,7 +260,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
         )
     elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
-        yield _problem(
+        yield Problem(
             doc.where(pointer),
             shown,
             f"a number {op} {err.validator_value}"
@@ -360,7 +268,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
             "change the value into range",
         )
     elif kind == "not":
-        yield _problem(
+        yield Problem(
             doc.where(pointer),
             "keys that do not go together (" + ", ".join(sorted(value)) + ")"
             if isinstance(value, dict) else shown,
@@ -368,7 +276,7 @@ def _describe(err: Any, doc: Doc, secret_keys: frozenset[str]) -> Iterator[Probl
             "remove the keys of the other source type",
         )
     else:
-        yield _problem(doc.where(pointer), shown, err.message, "see schemas/" + "*.schema.json")
+        yield Problem(doc.where(pointer), shown, err.message, "see schemas/" + "*.schema.json")
 
 
 # --------------------------------------------------------------------------- catalog
@@ -468,85 +376,6 @@ def effective_engine_args(release: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inventory
 
 
-@dataclass
-class _Group:
-    name: str
-    pointer: str
-    depth: int
-    vars: dict[str, Any]
-    hosts: dict[str, str]  # host -> pointer of its entry in this group
-    parents: set[str]
-
-
-def _groups(data: dict[str, Any]) -> dict[str, _Group]:
-    groups: dict[str, _Group] = {}
-
-    def visit(name: str, body: Any, pointer: str, depth: int, parent: str | None) -> None:
-        body = body if isinstance(body, dict) else {}
-        g = groups.get(name)
-        if g is None:
-            g = groups[name] = _Group(name, pointer, depth, {}, {}, set())
-        g.depth = max(g.depth, depth)
-        if parent:
-            g.parents.add(parent)
-        gvars = body.get("vars")
-        if isinstance(gvars, dict):
-            g.vars.update({k: (v, join_pointer(pointer, "vars", k)) for k, v in gvars.items()})
-        hosts = body.get("hosts")
-        if isinstance(hosts, dict):
-            for h in hosts:
-                g.hosts.setdefault(h, join_pointer(pointer, "hosts", h))
-        children = body.get("children")
-        if isinstance(children, dict):
-            for cname, cbody in children.items():
-                visit(cname, cbody, join_pointer(pointer, "children", cname), depth + 1, name)
-
-    visit("all", data.get("all"), "/all", 0, None)
-    return groups
-
-
-def _ancestors(groups: dict[str, _Group], name: str) -> set[str]:
-    seen: set[str] = set()
-    stack = [name]
-    while stack:
-        g = stack.pop()
-        if g in seen or g not in groups:
-            continue
-        seen.add(g)
-        stack.extend(groups[g].parents)
-    return seen
-
-
-def _host_vars(data: dict[str, Any], groups: dict[str, _Group], host: str) -> dict[str, tuple[Any, str]]:
-    """Ansible's precedence for inline inventories: all < groups by depth/name < host."""
-    member_of = {"all"}
-    for g in groups.values():
-        if host in g.hosts:
-            member_of |= _ancestors(groups, g.name)
-    merged: dict[str, tuple[Any, str]] = {}
-    for g in sorted((groups[n] for n in member_of), key=lambda g: (g.depth, g.name)):
-        merged.update(g.vars)
-    for g in sorted(groups.values(), key=lambda g: (g.depth, g.name)):
-        if host in g.hosts:
-            entry = _get(data, g.hosts[host])
-            if isinstance(entry, dict):
-                merged.update({k: (v, join_pointer(g.hosts[host], k)) for k, v in entry.items()})
-    return merged
-
-
-def _get(data: Any, pointer: str) -> Any:
-    cur = data
-    for tok in pointer.split("/")[1:]:
-        tok = tok.replace("~1", "/").replace("~0", "~")
-        if isinstance(cur, dict):
-            cur = cur.get(tok)
-        elif isinstance(cur, list) and tok.isdigit() and int(tok) < len(cur):
-            cur = cur[int(tok)]
-        else:
-            return None
-    return cur
-
-
 def _walk_strings(value: Any, pointer: str) -> Iterator[tuple[str, str]]:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -574,52 +403,84 @@ def _check_templates(doc: Doc, problems: list[Problem], *, secrets_allowed: bool
     FlagScale's files unrendered or be rendered by Ansible from untrusted input."""
     for pointer, value in _walk_strings(doc.data, ""):
         last = pointer.rsplit("/", 1)[-1]
-        if secrets_allowed and last in TEMPLATABLE_KEYS:
+        if secrets_allowed and last in TEMPLATABLE_KEYS and pointer.count("/") == 1:
             continue
         if TEMPLATE_RE.search(value):
             problems.append(
-                _problem(doc.where(pointer), f"a template {_show(value)}",
-                         "a literal value (templates are allowed only in credential fields: "
-                         + ", ".join(sorted(TEMPLATABLE_KEYS)) + ")",
-                         "write the literal value")
+                Problem(doc.where(pointer), f"a template {_show(value)}",
+                        "a literal value (templates are allowed only in credential fields: "
+                        + ", ".join(sorted(TEMPLATABLE_KEYS)) + ")",
+                        "write the literal value")
             )
 
 
-def _check_credentials(hvars: dict[str, tuple[Any, str]], doc: Doc, problems: list[Problem],
-                       seen: set[str]) -> None:
-    for key in SECRET_KEYS:
-        if key not in hvars:
-            continue
-        value, pointer = hvars[key]
-        if pointer in seen:
-            continue
-        seen.add(pointer)
+def _env_name(key: str) -> str:
+    return ("FLAGOPS_REGISTRY_PASSWORD" if "registry_password" in key else
+            "FLAGOPS_REGISTRY_USERNAME" if "registry_username" in key else
+            "MODELSCOPE_API_TOKEN" if "hub" in key else key.upper())
+
+
+def _check_credentials(hd: Doc, problems: list[Problem]) -> None:
+    """Credential fields hold an env lookup or a vault value: any other template would run
+    on the controller when Ansible renders it (lookup('pipe', ...), filters, expressions)."""
+    for key in sorted(TEMPLATABLE_KEYS & set(hd.data)):
+        value = hd.data[key]
         if isinstance(value, Vault) or not isinstance(value, str) or value == "":
             continue
-        if not CREDENTIAL_TEMPLATE_RE.match(value):
-            env = "FLAGOPS_REGISTRY_PASSWORD" if "registry" in key else (
-                "MODELSCOPE_API_TOKEN" if "hub" in key else key.upper())
-            found = (f"a template that is not an env lookup {_show(value)}" if TEMPLATE_RE.search(value)
-                     else f"an inline secret ({len(value)} characters, not shown)")
-            problems.append(
-                _problem(doc.where(pointer), found,
-                         "{{ lookup('env', 'NAME') }} or a !vault value",
-                         f"""write {key}: "{{{{ lookup('env', '{env}') }}}}" and export {env}""")
-            )
+        if CREDENTIAL_TEMPLATE_RE.fullmatch(value):
+            continue
+        env = _env_name(key)
+        if TEMPLATE_RE.search(value):
+            found = f"a template that is not a plain env lookup {_show(value)}"
+        elif key in SECRET_KEYS:
+            found = f"an inline secret ({len(value)} characters, not shown)"
+        else:
+            continue  # a literal user name is fine
+        problems.append(
+            Problem(hd.where("/" + key), found,
+                    "{{ lookup('env', 'NAME') }} (optionally | default('literal')) or a !vault value",
+                    f"""write {key}: "{{{{ lookup('env', '{env}') }}}}" and export {env}""")
+        )
+
+
+def _numeric_host(value: str) -> bool:
+    """A name that getaddrinfo()/inet_aton() would read as an IPv4 address (``010.0.0.1``
+    is 8.0.0.1, ``192.11`` is 192.0.0.11) although it is not one in dotted-quad form."""
+    labels = value.rstrip(".").split(".")
+    return bool(labels) and re.fullmatch(r"(0x[0-9a-fA-F]*|[0-9]+)", labels[-1]) is not None
 
 
 def _check_address(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
+    head, sep, zone = value.partition("%")
     try:
-        ipaddress.ip_address(value)
-        return None
+        ip = ipaddress.ip_address(head)
     except ValueError:
-        pass
+        ip = None
+    if ip is not None:
+        if not sep:
+            return None
+        if ip.version == 6 and NIC_RE.fullmatch(zone):
+            return None
+        return f"an IPv6 zone id {_show(zone)} that is not an interface name"
+    if sep:
+        return "a '%' outside an IPv6 zone id"
     if HOSTNAME_RE.fullmatch(value):
+        if _numeric_host(value):
+            return "a numeric name that is not an IP address (the resolver would read it as another address)"
         return None
     unsafe = _unsafe_chars(value)
     return f"unsafe characters {unsafe!r}" if unsafe else "not an IP address or DNS name"
+
+
+def _address_key(value: str) -> str:
+    """One spelling per address: IPs normalised, DNS names case-folded."""
+    head, sep, zone = value.partition("%")
+    try:
+        return str(ipaddress.ip_address(head)) + sep + zone
+    except ValueError:
+        return value.rstrip(".").lower()
 
 
 def _check_abs_path(value: str) -> str | None:
@@ -634,177 +495,225 @@ def _check_abs_path(value: str) -> str | None:
     return None
 
 
-# ssh options that make ssh run a command on the controller (through the user's shell).
-SSH_COMMAND_OPTIONS = frozenset({"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "match"})
+# ssh options that make ssh on the controller run a program, load code or read more
+# options from a file that could do either (ssh_config(5)).
+SSH_COMMAND_OPTIONS = frozenset({
+    "proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "match", "include",
+    "remotecommand", "pkcs11provider", "securitykeyprovider", "xauthlocation", "identityagent",
+})
+# ssh command-line flags with the same effect: -F reads a config file, -I loads a PKCS#11
+# library, -E/-S/-G/-V change what runs or where it writes.
+SSH_COMMAND_FLAGS = frozenset("FIESGV")
 SSH_ARGS_RE = re.compile(r"^[A-Za-z0-9_.,:/+=@%~ -]*$")
+SSH_ARG_KEYS = ("ansible_ssh_common_args", "ansible_ssh_extra_args", "ansible_ssh_args",
+                "ansible_scp_extra_args", "ansible_sftp_extra_args")
 
 
 def _check_ssh_args(value: str) -> str | None:
-    """ansible_ssh_common_args/extra_args reach ssh's argv on the controller: no shell
-    syntax, and none of the options that make ssh execute a command."""
+    """Options that reach ssh's argv on the controller: no shell syntax, and none of the
+    options that make ssh execute something, in any spelling ssh accepts (``-o Opt=v``,
+    ``-oOpt=v``, ``-o Opt v``, any case)."""
     if not SSH_ARGS_RE.fullmatch(value):
         return f"unsafe characters {_unsafe_chars(value.replace(' ', '')) or 'outside the allowed set'!r}"
-    words = value.replace("=", " ").split()
-    runs = sorted({w.lower() for w in words if w.lower() in SSH_COMMAND_OPTIONS})
-    return f"ssh option {', '.join(runs)} runs a local command" if runs else None
+    runs: set[str] = set()
+    for word in value.split():
+        if word.startswith("-") and not word.startswith("--"):
+            flags = word[1:]
+            if flags[:1] == "o":
+                word = flags[1:]
+            else:
+                runs.update(f"-{f}" for f in flags if f in SSH_COMMAND_FLAGS)
+                continue
+        for part in word.split("="):
+            if part.lower() in SSH_COMMAND_OPTIONS:
+                runs.add(part)
+    return f"ssh option {', '.join(sorted(runs))} runs or loads a program on the controller" if runs else None
 
 
 @dataclass
 class _Inventory:
     doc: Doc
-    hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]]  # (name, role, vars)
-    cluster: dict[str, tuple[Any, str]]
+    hosts: list[tuple[str, str, Doc]]  # (name, role, its variables)
+    cluster: dict[str, tuple[Any, Location]]
     # False when the master/worker split is broken: slot sums would only echo that error.
     topology_ok: bool = True
 
 
-def _resolve_inventory(doc: Doc, problems: list[Problem]) -> _Inventory | None:
-    data = doc.data
-    if not isinstance(data, dict) or not isinstance(data.get("all"), dict):
-        return None
-    groups = _groups(data)
-    master = groups.get(MASTER_GROUP)
-    workers = groups.get(WORKER_GROUP)
-    children_ptr = "/all/children"
+def _misplaced(doc: Doc, key: str) -> str | None:
+    """Where ``key`` sits in the inventory file when it is not where it counts (a
+    mis-indented block), as ``file:line:col`` plus its path; None when absent."""
+    for pointer in doc.keys:
+        if pointer.rsplit("/", 1)[-1] == key:
+            return f"{doc.keys[pointer].file}:{doc.keys[pointer].line}:{doc.keys[pointer].col} ({pointer})"
+    return None
 
-    if master is None or not master.hosts:
+
+def _host_entry(doc: Doc, group: str, host: str) -> Location | None:
+    """Where ``host`` is listed directly under ``group`` in the inventory file."""
+    suffix = join_pointer("", group, "hosts", host)
+    return next((loc for p, loc in doc.keys.items() if p.endswith(suffix)), None)
+
+
+def _resolve_inventory(ans: loader.Inventory, problems: list[Problem]) -> _Inventory:
+    doc = ans.doc
+    groups = ans.groups
+    children_loc = doc.where("/all/children")
+    master = groups.get(MASTER_GROUP)
+    workers = groups.get(WORKER_GROUP, [])
+
+    if not master:
+        where = ans.group_locations.get(MASTER_GROUP, children_loc)
+        found = "no host in group 'master'" if master is not None else "no group 'master'"
+        misplaced = _misplaced(doc, MASTER_GROUP) if master is None else None
+        if misplaced:
+            found += f" (a key 'master' is at {misplaced}: mis-indented?)"
         problems.append(
-            _problem(doc.where(master.pointer if master else children_ptr,
-                               key=master is not None),
-                     "no host in group 'master'" if master else "no group 'master'",
-                     "exactly one host in all.children.master.hosts (the Ray head)",
-                     "add master: {hosts: {node1: {ansible_host: ...}}} under all.children")
+            Problem(where, found, "exactly one host in all.children.master.hosts (the Ray head)",
+                    "add master: {hosts: {node1: {ansible_host: ...}}} under all.children")
         )
-    elif len(master.hosts) > 1:
-        names = ", ".join(master.hosts)
-        for extra in list(master.hosts)[1:]:
+    elif len(master) > 1:
+        names = ", ".join(master)
+        for extra in master[1:]:
             problems.append(
-                _problem(doc.where(master.hosts[extra], key=True),
-                         f"{len(master.hosts)} master hosts ({names})",
-                         "exactly one master host (FlagScale starts the Ray head on the first hostfile line)",
-                         f"move {extra} to the workers group")
+                Problem(ans.host_locations[extra], f"{len(master)} master hosts ({names})",
+                        "exactly one master host (FlagScale starts the Ray head on the first hostfile line)",
+                        f"move {extra} to the workers group")
             )
 
-    topology_ok = master is not None and len(master.hosts) == 1
-    hosts: list[tuple[str, str, dict[str, tuple[Any, str]]]] = []
-    if master:
-        for name in master.hosts:
-            hosts.append((name, "master", _host_vars(data, groups, name)))
-    if workers:
-        for name, ptr in workers.hosts.items():
-            if master and name in master.hosts:
-                problems.append(
-                    _problem(doc.where(ptr, key=True), f"host {_show(name)} in both master and workers",
-                             "each host in exactly one of master, workers",
-                             f"remove {name} from one of the groups")
-                )
-                topology_ok = False
-                continue
-            hosts.append((name, "worker", _host_vars(data, groups, name)))
+    topology_ok = bool(master) and len(master) == 1
+    hosts: list[tuple[str, str, Doc]] = [(name, "master", ans.hosts[name]) for name in master or []]
+    for name in workers:
+        if master and name in master:
+            problems.append(
+                Problem(_host_entry(doc, WORKER_GROUP, name) or ans.host_locations[name],
+                        f"host {_show(name)} in both master and workers",
+                        "each host in exactly one of master, workers",
+                        f"remove {name} from one of the groups")
+            )
+            topology_ok = False
+            continue
+        hosts.append((name, "worker", ans.hosts[name]))
+    for name in ans.hosts:
+        if name not in (master or []) and name not in workers:
+            problems.append(
+                Problem(ans.host_locations[name], f"host {_show(name)} in neither master nor workers",
+                        "every host in master or workers (flagops provisions every inventory host)",
+                        f"move {name} under all.children.workers.hosts, or remove it")
+            )
+    folded: dict[str, str] = {}
+    for name in ans.hosts:
+        other = folded.setdefault(name.lower(), name)
+        if other != name:
+            problems.append(
+                Problem(ans.host_locations[name], f"host {_show(name)} and host {_show(other)}",
+                        "host names that differ in more than letter case (DNS and ssh ignore case)",
+                        f"list the host once, as {other}")
+            )
     if not hosts:
         return _Inventory(doc, [], {})
 
     # Cluster-wide variables come from the master; a host that disagrees is an error
     # because FlagScale has one container name / release / share for all nodes.
-    ref_name, _, ref_vars = hosts[0]
-    cluster = {k: ref_vars[k] for k in CLUSTER_KEYS if k in ref_vars}
-    for name, _, hv in hosts[1:]:
+    ref_name, _, ref = hosts[0]
+    cluster = {k: (ref.data[k], ref.where("/" + k)) for k in CLUSTER_KEYS if k in ref.data}
+    for name, _, hd in hosts[1:]:
         for key in CLUSTER_KEYS:
-            a, b = ref_vars.get(key), hv.get(key)
-            if (a[0] if a else None) != (b[0] if b else None):
-                loc = doc.where(b[1] if b else a[1] if a else "/all/vars")
+            a, b = ref.data.get(key), hd.data.get(key)
+            if a != b:
+                loc = hd.where("/" + key) if key in hd.data else ref.where("/" + key)
                 problems.append(
-                    _problem(loc,
-                             f"{key}={_show(b[0] if b else None)} on {name} but "
-                             f"{_show(a[0] if a else None)} on {ref_name}",
-                             "one cluster-wide value", f"set {key} once in all.vars")
+                    Problem(loc, f"{key}={_show(b)} on {name} but {_show(a)} on {ref_name}",
+                            "one cluster-wide value", f"set {key} once in all.vars")
                 )
 
-    secrets_seen: set[str] = set()
     addresses: dict[str, str] = {}
-    for name, role, hv in hosts:
-        host_loc = doc.where(
-            (master.hosts.get(name) if master and role == "master" else None)
-            or (workers.hosts.get(name) if workers else "") or "/all",
-            key=True,
-        )
+    for name, _role, hd in hosts:
+        hv = hd.data
+        problems.extend(_schema_problems(hd, "inventory", SECRET_KEYS, ref="vars"))
+        _check_templates(hd, problems, secrets_allowed=True)
         for key, what in (("ansible_host", "the host's address"), ("flagops_slots", "its GPU slots")):
             if key not in hv:
+                found = f"host {_show(name)} without {key}"
+                misplaced = _misplaced(doc, key)
+                if misplaced:
+                    found += f" (a key {key} is at {misplaced}, where it does not apply to {name}: mis-indented?)"
                 problems.append(
-                    _problem(host_loc, f"host {_show(name)} without {key}", f"{key} ({what})",
-                             f"add {key}: ... under {name} or in a group's vars")
+                    Problem(ans.host_locations[name], found, f"{key} ({what})",
+                            f"add {key}: ... under {name} or in a group's vars")
                 )
         if "ansible_host" in hv:
-            addr, ptr = hv["ansible_host"]
+            addr = hv["ansible_host"]
             why = _check_address(addr)
             if why and not TEMPLATE_RE.search(str(addr)):
                 problems.append(
-                    _problem(doc.where(ptr), f"{_show(addr)} ({why})",
-                             "an IPv4/IPv6 address or DNS name (it is pasted into ssh and the hostfile)",
-                             "use the node's plain IP address")
-                )
-            elif isinstance(addr, str) and addr in addresses:
-                problems.append(
-                    _problem(doc.where(ptr), f"address {addr} on {name} and {addresses[addr]}",
-                             "a unique address per host (FlagScale rejects duplicate hostfile entries)",
-                             f"give {name} its own address")
+                    Problem(hd.where("/ansible_host"), f"{_show(addr)} ({why})",
+                            "an IPv4/IPv6 address or DNS name (it is pasted into ssh and the hostfile)",
+                            "use the node's plain IP address")
                 )
             elif isinstance(addr, str):
-                addresses[addr] = name
-        if "flagops_nic" in hv:
-            nic, ptr = hv["flagops_nic"]
-            if isinstance(nic, str) and not NIC_RE.fullmatch(nic):
-                problems.append(
-                    _problem(doc.where(ptr), _show_unsafe(nic),
-                             "an interface name of up to 15 letters, digits, _ . : -",
-                             "use the name `ip -br link` shows, e.g. bond0")
-                )
-        for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-            if key in hv and isinstance(hv[key][0], str) and (why := _check_ssh_args(hv[key][0])):
-                problems.append(
-                    _problem(doc.where(hv[key][1]), f"{_show(hv[key][0])} ({why})",
-                             "ssh options of letters, digits and _ . , : / + = @ % ~ - that run no command",
-                             "keep -o Option=value pairs such as UserKnownHostsFile; for a bastion use "
-                             "-o ProxyJump=user@host instead of ProxyCommand")
-                )
-        _check_credentials(hv, doc, problems, secrets_seen)
-
-    worker_ports = {hv["ansible_port"][0] for _, role, hv in hosts
-                    if role == "worker" and "ansible_port" in hv}
-    if len(worker_ports) > 1:
-        for name, role, hv in hosts:
-            if role == "worker" and "ansible_port" in hv:
-                problems.append(
-                    _problem(doc.where(hv["ansible_port"][1]),
-                             f"ansible_port {hv['ansible_port'][0]} on {name} among worker ports "
-                             + ", ".join(map(str, sorted(worker_ports))),
-                             "one ssh port for all workers (FlagScale has a single runner.ssh_port)",
-                             "run every worker's sshd on the same port")
-                )
-
-    required = ("flagops_share_root", "flagops_container_name")
-    for key in required:
-        if key not in cluster:
+                key = _address_key(addr)
+                if key in addresses:
+                    problems.append(
+                        Problem(hd.where("/ansible_host"), f"address {addr} on {name} and {addresses[key]}",
+                                "a unique address per host (FlagScale rejects duplicate hostfile entries)",
+                                f"give {name} its own address")
+                    )
+                else:
+                    addresses[key] = name
+        nic = hv.get("flagops_nic")
+        if isinstance(nic, str) and not NIC_RE.fullmatch(nic):
             problems.append(
-                _problem(doc.where("/all/vars" if "vars" in data["all"] else "/all", key=True),
-                         f"no {key}", f"{key} in all.vars", f"add {key}: ... to all.vars")
+                Problem(hd.where("/flagops_nic"), _show_unsafe(nic),
+                        "an interface name of up to 15 letters, digits, _ . : -",
+                        "use the name `ip -br link` shows, e.g. bond0")
             )
+        for key in SSH_ARG_KEYS:
+            if isinstance(hv.get(key), str) and (why := _check_ssh_args(hv[key])):
+                problems.append(
+                    Problem(hd.where("/" + key), f"{_show(hv[key])} ({why})",
+                            "ssh options of letters, digits and _ . , : / + = @ % ~ - that run no command",
+                            "keep -o Option=value pairs such as UserKnownHostsFile; for a bastion use "
+                            "-o ProxyJump=user@host (or -J user@host) instead of ProxyCommand")
+                )
+        _check_credentials(hd, problems)
+
+    worker_ports = {hd.data["ansible_port"] for _, role, hd in hosts
+                    if role == "worker" and isinstance(hd.data.get("ansible_port"), int)}
+    if len(worker_ports) > 1:
+        for name, role, hd in hosts:
+            if role == "worker" and "ansible_port" in hd.data:
+                problems.append(
+                    Problem(hd.where("/ansible_port"),
+                            f"ansible_port {hd.data['ansible_port']} on {name} among worker ports "
+                            + ", ".join(map(str, sorted(worker_ports))),
+                            "one ssh port for all workers (FlagScale has a single runner.ssh_port)",
+                            "run every worker's sshd on the same port")
+                )
+
+    vars_loc = doc.where("/all/vars", key=True) if "/all/vars" in doc.keys else doc.where("/all", key=True)
+    for key in ("flagops_share_root", "flagops_container_name"):
+        if key not in cluster:
+            found = f"no {key}"
+            misplaced = _misplaced(doc, key)
+            if misplaced:
+                found += f" that applies to the hosts (a key {key} is at {misplaced}: mis-indented?)"
+            problems.append(Problem(vars_loc, found, f"{key} in all.vars", f"add {key}: ... to all.vars"))
     if "flagops_share_root" in cluster:
-        value, ptr = cluster["flagops_share_root"]
+        value, loc = cluster["flagops_share_root"]
         why = _check_abs_path(value) if isinstance(value, str) else None
         if why:
             problems.append(
-                _problem(doc.where(ptr), f"{_show(value)} ({why})",
-                         "an absolute path of letters, digits, . _ / + - without '..'",
-                         "use the mount point of the shared storage, e.g. /share")
+                Problem(loc, f"{_show(value)} ({why})",
+                        "an absolute path of letters, digits, . _ / + - without '..'",
+                        "use the mount point of the shared storage, e.g. /share")
             )
     if "flagops_container_name" in cluster:
-        value, ptr = cluster["flagops_container_name"]
+        value, loc = cluster["flagops_container_name"]
         if isinstance(value, str) and not CONTAINER_NAME_RE.fullmatch(value):
             problems.append(
-                _problem(doc.where(ptr), _show_unsafe(value),
-                         "a docker container name [a-zA-Z0-9][a-zA-Z0-9_.-]*",
-                         "use a plain name such as flagos")
+                Problem(loc, _show_unsafe(value),
+                        "a docker container name [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+                        "use a plain name such as flagos")
             )
     return _Inventory(doc, hosts, cluster, topology_ok)
 
@@ -880,7 +789,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
         want = f"/models/{name}"
         if engine_args["model"] != want:
             problems.append(
-                _problem(doc.where("/serve/engine_args/model"), _show(engine_args["model"]),
+                Problem(doc.where("/serve/engine_args/model"), _show(engine_args["model"]),
                          f"{_show(want)} (the container mounts <share>/models at /models)",
                          f"set serve.engine_args.model: {want}")
             )
@@ -890,7 +799,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
         for key, value in args.items():
             if value is False:
                 problems.append(
-                    _problem(doc.where(join_pointer(base, key)), f"{key}: false",
+                    Problem(doc.where(join_pointer(base, key)), f"{key}: false",
                              "true, or no key (FlagScale's flatten_dict_to_args drops false values, "
                              "so vLLM would use its default)",
                              f"delete {key}, or write no_{key}: true to pass --no-{key.replace('_', '-')}")
@@ -903,7 +812,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
             bad = _check_command(value)
             if bad:
                 problems.append(
-                    _problem(doc.where(f"/runner/{key}"), bad,
+                    Problem(doc.where(f"/runner/{key}"), bad,
                              "commands joined by ' && ', each one of: " + "; ".join(f for _, f in CMD_FORMS),
                              "use e.g. `source /root/miniconda3/bin/activate flagscale-inference`")
                 )
@@ -911,7 +820,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     for key, value in envs.items():
         if isinstance(value, str) and not ENV_VALUE_RE.fullmatch(value):
             problems.append(
-                _problem(doc.where(join_pointer("/runner/envs", key)),
+                Problem(doc.where(join_pointer("/runner/envs", key)),
                          _show_unsafe(value),
                          "a value of letters, digits and _ . , : / + = @ % - (FlagScale writes "
                          "`export K=V` unquoted inside bash -c '...')",
@@ -921,8 +830,8 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     if inv is None or not inv.hosts or not inv.topology_ok:
         return
     slots: list[tuple[str, int]] = []
-    for hname, _, hv in inv.hosts:
-        s = hv.get("flagops_slots", (None, ""))[0]
+    for hname, _, hd in inv.hosts:
+        s = hd.data.get("flagops_slots")
         if not isinstance(s, int) or isinstance(s, bool):
             return
         slots.append((hname, s))
@@ -936,7 +845,7 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     if tp * pp != total:
         detail = " + ".join(f"{n} {s}" for n, s in slots)
         problems.append(
-            _problem(doc.where(tp_ptr),
+            Problem(doc.where(tp_ptr),
                      f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} "
                      f"but {total} slots ({detail})",
                      "tensor_parallel_size x pipeline_parallel_size == the sum of flagops_slots",
@@ -945,18 +854,18 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
     for hname, s in slots:
         if tp > s:
             problems.append(
-                _problem(doc.where(tp_ptr), f"tensor_parallel_size {tp} > {s} slots on {hname}",
+                Problem(doc.where(tp_ptr), f"tensor_parallel_size {tp} > {s} slots on {hname}",
                          "tensor_parallel_size <= the slots of every node (a TP group stays in one node)",
                          f"lower tensor_parallel_size to {s} or less and raise pipeline_parallel_size")
             )
-    slot_type = inv.cluster.get("flagops_slot_type", ("gpu", ""))[0]
+    slot_type = inv.cluster.get("flagops_slot_type", ("gpu", None))[0]
     cvd = envs.get("CUDA_VISIBLE_DEVICES")
     if slot_type == "gpu" and isinstance(cvd, str | int) and not isinstance(cvd, bool):
         ids = [x for x in str(cvd).split(",") if x.strip()]
         for hname, s in slots:
             if len(ids) < s:
                 problems.append(
-                    _problem(doc.where("/runner/envs/CUDA_VISIBLE_DEVICES"),
+                    Problem(doc.where("/runner/envs/CUDA_VISIBLE_DEVICES"),
                              f"{len(ids)} visible GPUs ({cvd}) but {s} slots on {hname}",
                              "at least as many CUDA_VISIBLE_DEVICES ids as slots",
                              "list every GPU id, e.g. 0,1,2,3,4,5,6,7")
@@ -965,6 +874,11 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    return sorted(set(problems), key=lambda p: (p.location.file, p.location.line, p.location.col,
+                                                p.location.pointer, p.found))
 
 
 def _display_path(path: Path) -> str:
@@ -977,7 +891,7 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
     """Load and validate ``inventory`` (and ``release``, default its flagops_release).
 
     Args:
-        inventory: path of the Ansible YAML inventory.
+        inventory: path of the Ansible YAML inventory (its group_vars/ and host_vars/ too).
         release: catalog name overriding the inventory's ``flagops_release``.
 
     Returns:
@@ -989,79 +903,87 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
     inv_path = Path(inventory)
     display = str(inventory)
     problems: list[Problem] = []
-    inv_doc, parse_problems = load_yaml(inv_path, display)
-    problems += parse_problems
+    raw, parse_problems = loader.load_doc(inv_path, display)
     if parse_problems:
-        raise ConfigError(problems)
-    if inv_doc.data is None:
-        raise ConfigError([_problem(Location(display, 1, 1, ""), "an empty file",
-                                    "an Ansible YAML inventory with all:", "see inventories/a800.yaml")])
-
-    problems += _schema_problems(inv_doc, "inventory", SECRET_KEYS)
-    _check_templates(inv_doc, problems, secrets_allowed=True)
-    inv = _resolve_inventory(inv_doc, problems)
+        raise ConfigError(parse_problems)
+    if raw.data is None:
+        raise ConfigError([Problem(Location(display, 1, 1, ""), "an empty file",
+                                   "an Ansible YAML inventory with all:", "see inventories/a800.yaml")])
+    problems += _schema_problems(raw, "inventory", SECRET_KEYS)
+    if problems:
+        # The file's shape is wrong: Ansible would refuse it or read it otherwise.
+        raise ConfigError(_sorted(problems))
+    ans, ans_problems = loader.load_inventory(inv_path, display)
+    if ans is None:
+        raise ConfigError(ans_problems)
+    inv = _resolve_inventory(ans, problems)
+    inv_doc = inv.doc
 
     rel_doc: Doc | None = None
     rel_path: Path | None = None
     release_name: str | None = release
     if release_name is not None:
         rel_loc = Location("<command line>", 1, 1, "/--release")
-    elif inv and "flagops_release" in inv.cluster:
-        release_name, ptr = inv.cluster["flagops_release"]
-        rel_loc = inv_doc.where(ptr)
+    elif "flagops_release" in inv.cluster:
+        release_name, rel_loc = inv.cluster["flagops_release"]
     else:
-        rel_loc = inv_doc.where("/all/vars", key=True)
-        problems.append(_problem(rel_loc, "no flagops_release", "a release name in all.vars",
-                                 "add flagops_release: ernie45 to all.vars or pass --release"))
+        rel_loc = inv_doc.where("/all/vars", key=True) if "/all/vars" in inv_doc.keys else inv_doc.where("/all")
+        found = "no flagops_release"
+        misplaced = _misplaced(inv_doc, "flagops_release")
+        if misplaced:
+            found += f" that applies to the hosts (a key flagops_release is at {misplaced}: mis-indented?)"
+        elif not inv.hosts:
+            found += " (and no hosts)"
+        problems.append(Problem(rel_loc, found, "a release name in all.vars",
+                                "add flagops_release: ernie45 to all.vars or pass --release"))
     if isinstance(release_name, str):
         catalog = list_releases()
         rel_path = catalog.get(release_name)
         if rel_path is None:
             hint = _did_you_mean(release_name, catalog)
             problems.append(
-                _problem(rel_loc, f"release {_show(release_name)}",
+                Problem(rel_loc, f"release {_show(release_name)}",
                          "a catalog release (" + ", ".join(sorted(catalog)) + ")",
                          (f"did you mean {_show(hint)}?" if hint else "pick one of the catalog")
                          + " (add catalogs with $FLAGOPS_CATALOG)")
             )
         else:
-            rel_doc, rel_parse = load_yaml(rel_path, _display_path(rel_path))
+            rel_doc, rel_parse = loader.load_doc(rel_path, _display_path(rel_path))
             problems += rel_parse
             if not rel_parse and isinstance(rel_doc.data, dict):
                 if rel_doc.data.get("name") != rel_path.stem:
                     problems.append(
-                        _problem(rel_doc.where("/name"), f"name {_show(rel_doc.data.get('name'))}",
+                        Problem(rel_doc.where("/name"), f"name {_show(rel_doc.data.get('name'))}",
                                  f"name: {rel_path.stem} (the file name)", "make them equal")
                     )
-                if inv and "flagops_release_overrides" in inv.cluster:
-                    overrides, optr = inv.cluster["flagops_release_overrides"]
-                    merge_overrides(rel_doc, overrides, inv_doc, optr)
+                if "flagops_release_overrides" in inv.cluster:
+                    master_doc = inv.hosts[0][2]
+                    merge_overrides(rel_doc, master_doc.data["flagops_release_overrides"], master_doc,
+                                    "/flagops_release_overrides")
                 problems += _schema_problems(rel_doc, "release", frozenset())
                 _release_problems(rel_doc, inv, problems)
             elif not rel_parse:
-                problems.append(_problem(rel_doc.where(""), f"{_type_name(rel_doc.data)}",
+                problems.append(Problem(rel_doc.where(""), f"{_type_name(rel_doc.data)}",
                                          "a release mapping", "see flagops/releases/ernie45.yaml"))
 
     if problems:
-        problems = sorted(set(problems), key=lambda p: (p.location.file, p.location.line,
-                                                        p.location.col, p.location.pointer, p.found))
-        raise ConfigError(problems)
+        raise ConfigError(_sorted(problems))
 
-    assert inv is not None and rel_doc is not None and rel_path is not None
+    assert rel_doc is not None and rel_path is not None
     assert isinstance(release_name, str)
     hosts = tuple(
         Host(
             name=name,
-            address=hv["ansible_host"][0],
+            address=hd.data["ansible_host"],
             role=role,
-            slots=hv["flagops_slots"][0],
-            port=hv.get("ansible_port", (22, ""))[0],
-            user=hv.get("ansible_user", (None, ""))[0],
-            nic=hv.get("flagops_nic", (None, ""))[0],
-            ssh_key_file=hv.get("ansible_ssh_private_key_file", (None, ""))[0],
-            ssh_common_args=hv.get("ansible_ssh_common_args", (None, ""))[0],
+            slots=hd.data["flagops_slots"],
+            port=hd.data.get("ansible_port", 22),
+            user=hd.data.get("ansible_user"),
+            nic=hd.data.get("flagops_nic"),
+            ssh_key_file=hd.data.get("ansible_ssh_private_key_file") or hd.data.get("ansible_private_key_file"),
+            ssh_common_args=hd.data.get("ansible_ssh_common_args"),
         )
-        for name, role, hv in inv.hosts
+        for name, role, hd in inv.hosts
     )
     return Config(
         inventory_file=inv_path.resolve(),
@@ -1071,5 +993,5 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
         hosts=hosts,
         share_root=inv.cluster["flagops_share_root"][0].rstrip("/") or "/",
         container_name=inv.cluster["flagops_container_name"][0],
-        slot_type=inv.cluster.get("flagops_slot_type", ("gpu", ""))[0],
+        slot_type=inv.cluster.get("flagops_slot_type", ("gpu", None))[0],
     )

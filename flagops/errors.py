@@ -6,7 +6,28 @@ jsonschema or ansible_runner at start-up.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
+
+# Characters a terminal acts on or that change how text reads (ESC sequences, CR,
+# backspace, bidi overrides such as U+202E, zero-width marks, line/paragraph separators).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format or unassigned character escaped (``\\x1b``,
+    ``\\u202e``), so nothing from an input file acts on the terminal that shows it."""
+    if text.isprintable() and text.isascii():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in _HIDDEN_CATEGORIES:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def escape_pointer_token(token: str | int) -> str:
@@ -28,7 +49,7 @@ class Location:
     pointer: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.pointer or '/'}"
+        return printable(f"{self.file}:{self.line}:{self.col}: {self.pointer or '/'}")
 
 
 @dataclass(frozen=True)
@@ -41,18 +62,18 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        return f"{self.location}: found {self.found}; expected {self.expected}; fix: {self.fix}"
+        return printable(f"{self.location}: found {self.found}; expected {self.expected}; fix: {self.fix}")
 
     def to_dict(self) -> dict[str, object]:
         loc = self.location
         return {
-            "file": loc.file,
+            "file": printable(loc.file),
             "line": loc.line,
             "col": loc.col,
-            "pointer": loc.pointer,
-            "found": self.found,
-            "expected": self.expected,
-            "fix": self.fix,
+            "pointer": printable(loc.pointer),
+            "found": printable(self.found),
+            "expected": printable(self.expected),
+            "fix": printable(self.fix),
             "message": str(self),
         }
 
