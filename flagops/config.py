@@ -61,12 +61,16 @@ CREDENTIAL_TEMPLATE_RE = re.compile(
 _ARG = r"[A-Za-z0-9_.,:/+=@%-]+"
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _ABS = r"/[A-Za-z0-9._/+-]*"
-CMD_FORMS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(rf"^(source|\.) {_ABS}/activate( {_NAME})?$"), "source /abs/path/bin/activate [env]"),
-    (re.compile(rf"^conda activate {_NAME}$"), "conda activate <env>"),
-    (re.compile(rf"^export [A-Za-z_][A-Za-z0-9_]*={_ARG}$"), "export NAME=value"),
-    (re.compile(rf"^cd {_ABS}$"), "cd /abs/path"),
+_CMD_FORMS = [
+    (rf"(source|\.) {_ABS}/activate( {_NAME})?", "source /abs/path/bin/activate [env]"),
+    (rf"conda activate {_NAME}", "conda activate <env>"),
+    (rf"export [A-Za-z_][A-Za-z0-9_]*={_ARG}", "export NAME=value"),
+    (rf"cd {_ABS}", "cd /abs/path"),
 ]
+CMD_FORMS: list[tuple[re.Pattern[str], str]] = [(re.compile(rf"^{rx}$"), form) for rx, form in _CMD_FORMS]
+# The same rule as one regex for the roles that paste before_start into `bash -c`: each
+# mirrors it in vars/main.yml (tests/unit/test_role_guards.py keeps the copies equal).
+CMD_PATTERN = "^(?:" + "|".join(rx for rx, _ in _CMD_FORMS) + r")\Z"
 
 # Cluster-wide variables: one value for all hosts (set them in all.vars).
 CLUSTER_KEYS = (
@@ -621,10 +625,10 @@ def _resolve_inventory(ans: loader.Inventory, problems: list[Problem]) -> _Inven
             a, b = ref.data.get(key), hd.data.get(key)
             if a != b:
                 loc = hd.where("/" + key) if key in hd.data else ref.where("/" + key)
-                problems.append(
-                    Problem(loc, f"{key}={_show(b)} on {name} but {_show(a)} on {ref_name}",
-                            "one cluster-wide value", f"set {key} once in all.vars")
-                )
+                missing = next((h for h, d in ((ref_name, ref.data), (name, hd.data)) if key not in d), None)
+                found = (f"{key} set for some hosts but not for {missing} (in a group {missing} is not in?)"
+                         if missing else f"{key}={_show(b)} on {name} but {_show(a)} on {ref_name}")
+                problems.append(Problem(loc, found, "one cluster-wide value", f"set {key} once in all.vars"))
 
     addresses: dict[str, str] = {}
     for name, _role, hd in hosts:

@@ -56,6 +56,18 @@ MAGIC_VARS = frozenset({
 })
 
 
+# How every Ansible that flagops starts reads inventories (validate here, and each playbook
+# run through flagops.runner): the YAML plugin alone, so an executable inventory file is
+# never run as a script (a YAML file may start with a '#!' comment), and the builtin
+# group_vars/host_vars plugin alone; an unparsable source is an error, not a warning.
+INVENTORY_ENV = {
+    "ANSIBLE_INVENTORY_ENABLED": "yaml",
+    "ANSIBLE_VARS_ENABLED": "host_group_vars",
+    "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
+    "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+}
+
+
 class Vault(str):
     """An Ansible ``!vault`` value: a secret, passed through and never shown or decrypted."""
 
@@ -168,7 +180,6 @@ def _scan_events(text: str, display: str) -> list[Problem]:
                 problems.append(_problem(display, line, col, f"the tag {printable(tag)!r}",
                                          "plain YAML values (tags: !vault, !unsafe)",
                                          "remove the tag; flagops and Ansible construct no custom objects"))
-                continue
             if isinstance(event, yaml.AliasEvent):
                 size = anchors.get(event.anchor, 1)
                 close(size, None)
@@ -225,13 +236,7 @@ def _ansible() -> _Ansible:
     global _ANSIBLE
     if _ANSIBLE is not None:
         return _ANSIBLE
-    env = {
-        "ANSIBLE_CONFIG": str(Path(__file__).with_name("loader.cfg")),
-        "ANSIBLE_INVENTORY_ENABLED": "yaml",
-        "ANSIBLE_VARS_ENABLED": "host_group_vars",
-        "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
-        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
-    }
+    env = {"ANSIBLE_CONFIG": str(Path(__file__).with_name("loader.cfg")), **INVENTORY_ENV}
     dropped = ("ANSIBLE_INVENTORY_PLUGINS", "ANSIBLE_VARS_PLUGINS", "ANSIBLE_COLLECTIONS_PATH",
                "ANSIBLE_COLLECTIONS_PATHS")
     saved = {k: os.environ.get(k) for k in (*env, *dropped)}

@@ -288,8 +288,11 @@ def ansible_env() -> dict[str, str]:
     """Environment that makes ansible-playbook use this checkout's config and content."""
     # ansible-runner execs `ansible-playbook` from PATH: use the one next to this Python
     # so a non-activated venv (console script, tests) still finds it.
+    from flagops.loader import INVENTORY_ENV
+
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {
+        **INVENTORY_ENV,
         "PATH": path,
         "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
         "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"),

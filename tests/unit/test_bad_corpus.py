@@ -44,7 +44,8 @@ def test_bad_input_is_rejected(path: Path, in_repo: Path) -> None:
     result = CliRunner().invoke(main, ["validate", rel])
     out = result.stderr
     assert result.exit_code == 2, out
-    assert "Traceback" not in out and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in out
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = out.splitlines()
     assert re.fullmatch(r"\d+ problems? found", lines[-1])
     matching = [ln for ln in lines if ln.startswith(where + ":")]
