@@ -8,6 +8,7 @@ playbook runs through the CLI as a user runs it.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,59 @@ def test_check_diff_changes_nothing(stopped: Lab) -> None:
     rc, events = provision(stopped, "--check", "--diff")
     assert rc == 0, result(events)["failures"]
     assert snapshot(stopped) == before
+
+
+def _split_layout(root: Path) -> Path:
+    """The lab inventory as many teams keep theirs: hosts in one file, every shared var in
+    ``group_vars/all.yml`` (one secret vault-encrypted), a host's address in ``host_vars/``."""
+    inv = yaml.safe_load(Path(INV).read_text())
+    (root / "group_vars").mkdir(parents=True)
+    (root / "host_vars").mkdir()
+    shared = dict(inv["all"]["vars"])
+    hosts = {"all": {"children": inv["all"]["children"]}}
+    node2 = hosts["all"]["children"]["workers"]["hosts"]["node2"]
+    (root / "host_vars" / "node2.yml").write_text(yaml.safe_dump({"ansible_host": node2.pop("ansible_host")}))
+    hosts["all"]["children"]["workers"]["hosts"]["node2"] = None
+    (root / "group_vars" / "all.yml").write_text(yaml.safe_dump(shared, sort_keys=False) + VAULT_TOKEN)
+    (root / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
+    return root / "hosts.yml"
+
+
+# `ansible-vault encrypt_string --vault-password-file <(echo lab-vault) lab-hub-token-plaintext
+#  --name flagops_hub_token`: a secret that validate must accept without decrypting and that
+# the playbooks decrypt with the operator's vault password.
+VAULT_PASSWORD = "lab-vault"
+VAULT_PLAINTEXT = "lab-hub-token-plaintext"
+
+
+def _vault_token() -> str:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    lib = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))])
+    body = lib.encrypt(VAULT_PLAINTEXT).decode()
+    return "flagops_hub_token: !vault |\n" + "".join(f"  {line}\n" for line in body.splitlines())
+
+
+VAULT_TOKEN = _vault_token()
+
+
+def test_provision_from_group_vars_and_host_vars(stopped: Lab, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = _split_layout(tmp_path / "inv")
+    done = stopped.flagops("validate", str(hosts))
+    assert "2 hosts: node1 172.30.0.11 (master, 1 slots), node2 172.30.0.12 (worker, 1 slots)" in done.stdout
+
+    pw = tmp_path / "vault-pass"
+    pw.write_text(VAULT_PASSWORD + "\n")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(pw))
+    rc, events = provision(stopped, inventory=str(hosts))
+    res = result(events)
+    assert rc == 0, res["failures"]
+    # The same cluster as inventories/lab.yaml, already converged: nothing to change.
+    assert {h: r["changed"] for h, r in res["recap"].items()} == {"node1": 0, "node2": 0}
+    runs = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser() / "runs"
+    leaked = [str(p) for p in runs.rglob("*") if p.is_file() and VAULT_PLAINTEXT.encode() in p.read_bytes()]
+    assert leaked == [], "the decrypted vault value reached run artifacts"
 
 
 def _preflight_fails(lab: Lab, inventory: str = INV) -> str:

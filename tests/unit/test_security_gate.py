@@ -155,7 +155,8 @@ def test_addresses_that_are_not_what_they_look_like(tmp_path: Path, address: str
 
 def test_host_listed_twice_in_different_case(tmp_path: Path) -> None:
     text = yaml.safe_dump(BASE, sort_keys=False).replace(
-        "      hosts:\n        node2:", "      hosts:\n        NODE1:\n          ansible_host: 192.0.2.12\n        node2:")
+        "      hosts:\n        node2:",
+        "      hosts:\n        NODE1:\n          ansible_host: 192.0.2.12\n        node2:")
     _refused(_inventory(tmp_path, text=text), "NODE1", "letter case")
 
 
