@@ -1,15 +1,11 @@
-# flagops developer entry points. `make setup` works offline except for PyPI (Galaxy is
-# unreachable, so the collections come out of the PyPI `ansible` wheel).
+# flagops developer entry points. `make setup` needs only PyPI: the Ansible collections
+# come out of the PyPI `ansible` wheel, installed by flagops itself (`flagops setup`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-ANSIBLE_BUNDLE_VERSION ?= 12.3.0
-WHEEL_CACHE ?= .cache/wheels
-COLLECTIONS_DIR := .ansible/collections/ansible_collections
-COLLECTIONS := community/docker ansible/posix
 
-.PHONY: setup venv collections test-unit test test-lab test-slow quickstart lab-down
+.PHONY: setup venv collections lint test-unit test test-lab test-slow quickstart lab-down wheel collection
 
 setup: venv collections
 
@@ -20,35 +16,32 @@ $(VENV)/.flagops-installed: pyproject.toml
 	$(PIP) install -e '.[dev]'
 	touch $@
 
-# Idempotent: a collection already unpacked (its MANIFEST.json present) is skipped, and
-# the 50 MB wheel is downloaded once into $(WHEEL_CACHE).
+# Idempotent: `flagops setup` checks the installed versions and downloads the bundle once.
 collections: venv
-	@set -e; missing=""; \
-	for c in $(COLLECTIONS); do \
-	  test -f $(COLLECTIONS_DIR)/$$c/MANIFEST.json || missing="$$missing $$c"; \
-	done; \
-	if [ -z "$$missing" ]; then echo "collections present: $(COLLECTIONS)"; exit 0; fi; \
-	whl=$$(ls $(WHEEL_CACHE)/ansible-$(ANSIBLE_BUNDLE_VERSION)-*.whl 2>/dev/null | head -n1); \
-	if [ -z "$$whl" ]; then \
-	  $(PIP) download --no-deps --only-binary=:all: -d $(WHEEL_CACHE) ansible==$(ANSIBLE_BUNDLE_VERSION); \
-	  whl=$$(ls $(WHEEL_CACHE)/ansible-$(ANSIBLE_BUNDLE_VERSION)-*.whl | head -n1); \
-	fi; \
-	for c in $$missing; do \
-	  echo "extracting $$c from $$whl"; \
-	  $(PY) -c 'import sys, zipfile, pathlib; \
-	whl, coll, dest = sys.argv[1:]; prefix = "ansible_collections/" + coll + "/"; \
-	z = zipfile.ZipFile(whl); names = [n for n in z.namelist() if n.startswith(prefix)]; \
-	assert names, "no " + prefix + " in " + whl; \
-	z.extractall(dest, names)' "$$whl" "$$c" .ansible/collections; \
-	done
+	$(VENV)/bin/flagops setup
 
-test-unit: venv
+# ruff (Python), yamllint (all YAML), ansible-lint (production profile: roles, playbooks).
+lint: venv
+	$(VENV)/bin/ruff check flagops tests bench
+	$(VENV)/bin/yamllint -s .
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ANSIBLE_COLLECTIONS_PATH=$$($(PY) -c 'from flagops import resources; print(resources.collections_dir())') \
+	  $(VENV)/bin/ansible-lint --profile production --offline
+
+# The wheel (`pip install dist/flagops-*.whl` gives the whole tool) and the roles as the
+# Ansible collection flagops.flagos (galaxy.yml at the root; build_ignore keeps it to roles).
+wheel: venv
+	$(PIP) wheel . --no-deps -w dist
+
+collection: venv
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path dist .
+
+test-unit: setup
 	$(PY) -m pytest tests/unit
 
 # The whole suite: unit tests, then the lab (brought up here, torn down at the end,
 # with a test that the tear-down left nothing), every role's molecule scenario,
 # provision/deploy/verify end to end and the fault tests.
-test: setup
+test: setup lint
 	$(PY) -m pytest tests/unit -q
 	$(MAKE) test-lab
 

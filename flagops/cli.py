@@ -190,6 +190,22 @@ def provision(inventory: str, release: str | None, check: bool, diff: bool, tags
                      skip_tags=skip_tags, limit=limit, json_out=json_out)
 
 
+@main.command()
+@json_option
+@handle_errors
+def setup(json_out: bool) -> None:
+    """Install the Ansible collections the roles use into $FLAGOPS_HOME/collections
+    (from the PyPI `ansible` bundle; idempotent; provision does it too when needed)."""
+    from flagops import resources
+
+    found = resources.ensure_collections(say=None if json_out else lambda m: click.echo(m, err=True))
+    if json_out:
+        _emit_json({"ok": True, "collections_dir": str(resources.collections_dir()), "collections": found})
+    else:
+        have = ", ".join(f"{n} {v}" for n, v in found.items())
+        click.echo(f"collections: {have} in {resources.collections_dir()}")
+
+
 def extravars_for(cfg: Any) -> dict[str, Any]:
     """The single extra var every playbook gets (DESIGN.md, "Playbooks get one extra var")."""
     from flagops import render as render_mod

@@ -133,12 +133,10 @@ def _type_name(value: Any) -> str:
 
 
 def schema_dir() -> Path:
-    """The repo's schemas/ (one source of truth, also read by the roles' argument specs);
-    ``flagops/schemas`` is honoured for a relocated package that ships a copy."""
-    for cand in (PKG_DIR / "schemas", PKG_DIR.parent / "schemas"):
-        if (cand / "release.schema.json").is_file():
-            return cand
-    raise FileNotFoundError("flagops schemas not found next to the package or the checkout")
+    """The shipped ``schemas/`` (one source of truth, also read by the roles' argument specs)."""
+    from flagops import resources
+
+    return resources.data("schemas")
 
 
 def _strict_patterns(node: Any) -> Any:

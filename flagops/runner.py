@@ -1,14 +1,16 @@
 """The one Ansible driver: run a playbook through ansible-runner and report progress.
 
-Every playbook run gets its own ansible-runner private data dir under
-``$FLAGOPS_HOME/runs/<timestamp>-<playbook>/`` (the newest ``KEEP_RUNS`` are kept), with
-``ANSIBLE_CONFIG``/roles/collections pointing at this checkout so the CLI works from any
-directory.
+``$FLAGOPS_HOME/runs`` is ansible-runner's private data dir; every playbook run is one
+artifact dir ``runs/artifacts/<timestamp>-<playbook>-<random>/``, named (``ident``) and
+rotated (``rotate_artifacts``, the newest ``KEEP_RUNS``) by ansible-runner itself.
+``ANSIBLE_CONFIG``, roles and playbooks come from the installed package
+(:mod:`flagops.resources`), the collections from ``$FLAGOPS_HOME/collections``, so the CLI
+works from any directory.
 
 Secrets: credentials never travel as extra vars; playbooks read them with
 ``lookup('env', ...)`` from the controller's environment. Extra vars are written by us to
-``env/extravars`` (mode 600, passed as ``-e @file``, never in argv) and removed after the
-run. ansible-runner also records the full process environment in
+``runs/vars/<ident>.json`` (mode 600, passed as ``-e @file``, never as values in argv) and
+removed after the run. ansible-runner also records the full process environment in
 ``artifacts/<ident>/command``; we redact secret-looking variables there as soon as the run
 starts and again at the end.
 """
@@ -19,7 +21,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
+import secrets
 import signal
 import sys
 import threading
@@ -29,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from flagops import state
+from flagops import resources, state
 from flagops.errors import RunError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEEP_RUNS = 10
 SECRET_ENV_RE = re.compile(r"PASS|TOKEN|SECRET|CREDENTIAL|PRIVATE|API_KEY|_KEY$|^AWS_", re.I)
 REDACTED = "**redacted by flagops**"
@@ -64,7 +65,7 @@ class Result:
     rc: int
     status: str
     recap: dict[str, HostRecap]
-    private_data_dir: Path
+    artifact_dir: Path
     elapsed: float
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -81,7 +82,7 @@ class Result:
             "elapsed": round(self.elapsed, 3),
             "recap": {h: vars(r) for h, r in self.recap.items()},
             "failures": self.failures,
-            "private_data_dir": str(self.private_data_dir),
+            "artifact_dir": str(self.artifact_dir),
         }
 
 
@@ -294,9 +295,9 @@ def ansible_env() -> dict[str, str]:
     return {
         **INVENTORY_ENV,
         "PATH": path,
-        "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"),
-        "ANSIBLE_COLLECTIONS_PATH": str(REPO_ROOT / ".ansible" / "collections"),
+        "ANSIBLE_CONFIG": str(resources.data("ansible.cfg")),
+        "ANSIBLE_ROLES_PATH": str(resources.data("roles")),
+        "ANSIBLE_COLLECTIONS_PATH": str(resources.collections_dir()),
         # Keep module arguments (which may carry templated secrets) out of the output.
         "ANSIBLE_DISPLAY_ARGS_TO_STDOUT": "False",
         "ANSIBLE_NOCOLOR": "1",
@@ -307,7 +308,7 @@ def ansible_env() -> dict[str, str]:
 def _playbook_path(name: str) -> Path:
     if name.endswith((".yml", ".yaml")) or os.sep in name:
         return Path(name).resolve()
-    return REPO_ROOT / "playbooks" / f"{name}.yml"
+    return resources.playbook(name)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -317,9 +318,9 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def redact_command_artifacts(private_data_dir: Path) -> None:
+def redact_command_artifacts(artifact_dir: Path) -> None:
     """Replace secret-looking env values in ansible-runner's ``command`` artifact."""
-    for cmd_file in private_data_dir.glob("artifacts/*/command"):
+    for cmd_file in artifact_dir.glob("command"):
         try:
             data = json.loads(cmd_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -328,12 +329,6 @@ def redact_command_artifacts(private_data_dir: Path) -> None:
         if isinstance(env, dict):
             data["env"] = {k: (REDACTED if SECRET_ENV_RE.search(k) else v) for k, v in env.items()}
             _write_private(cmd_file, json.dumps(data, ensure_ascii=False))
-
-
-def _rotate(runs: Path, keep: int) -> None:
-    dirs = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    for old in dirs[: max(0, len(dirs) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def run_playbook(
@@ -371,21 +366,22 @@ def run_playbook(
         from flagops.errors import RunError
 
         raise RunError(f"playbook not found: {playbook}")
+    resources.ensure_collections(say=lambda msg: print(msg, file=sys.stderr))
     runs = state.runs_dir()
-    ident = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{playbook.stem}"
-    pdd = runs / ident
-    pdd.mkdir(mode=0o700)
-    if extravars:
-        _write_private(pdd / "env" / "extravars", json.dumps(extravars))
+    # Unique even for two runs in the same second (the random part), sortable by time.
+    ident = f"{time.strftime('%Y%m%d-%H%M%S')}-{playbook.stem}-{secrets.token_hex(3)}"
+    artifact_dir = runs / "artifacts" / ident
+    vars_file = runs / "vars" / f"{ident}.json"
+    _write_private(vars_file, json.dumps(extravars or {}))
 
-    cmdline = " ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on)
+    cmdline = " ".join([f"-e @{vars_file}", *(flag for flag, on in (("--check", check), ("--diff", diff)) if on)])
     the_view = view or (JsonView() if json_out else RichView())
     redacted = False
 
     def handler(ev: dict[str, Any]) -> bool:
         nonlocal redacted
         if not redacted:
-            redact_command_artifacts(pdd)
+            redact_command_artifacts(artifact_dir)
             redacted = True
         if on_event is not None:
             on_event(ev)
@@ -393,7 +389,7 @@ def run_playbook(
         return True  # keep the event in artifacts/job_events
 
     kwargs: dict[str, Any] = {
-        "private_data_dir": str(pdd),
+        "private_data_dir": str(runs),
         "project_dir": str(playbook.parent),
         "playbook": str(playbook),
         "inventory": str(Path(inventory).resolve()),
@@ -401,10 +397,9 @@ def run_playbook(
         "event_handler": handler,
         "quiet": True,
         "rotate_artifacts": KEEP_RUNS,
-        "ident": "run",
+        "ident": ident,
+        "cmdline": cmdline,
     }
-    if cmdline:
-        kwargs["cmdline"] = cmdline
     if tags:
         kwargs["tags"] = tags
     if skip_tags:
@@ -430,9 +425,8 @@ def run_playbook(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         with contextlib.suppress(OSError):
-            (pdd / "env" / "extravars").unlink()
-        redact_command_artifacts(pdd)
-        _rotate(runs, KEEP_RUNS)
+            vars_file.unlink()
+        redact_command_artifacts(artifact_dir)
     stats = r.stats or {}
     failures = []
     for ev in r.events:
@@ -453,7 +447,7 @@ def run_playbook(
         rc=int(r.rc if r.rc is not None else 1),
         status=str(r.status),
         recap=_recap(stats),
-        private_data_dir=pdd,
+        artifact_dir=artifact_dir,
         elapsed=time.monotonic() - started,
         failures=failures,
     )
@@ -462,6 +456,6 @@ def run_playbook(
         raise Interrupted(
             f"{playbook.stem} interrupted by {interrupted[0]} after {result.elapsed:.1f}s; "
             f"ansible-playbook was stopped and the lock released. Re-run to converge "
-            f"(run artifacts: {pdd})"
+            f"(run artifacts: {artifact_dir})"
         )
     return result

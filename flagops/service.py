@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flagops import resources
 from flagops.config import Config
 from flagops.nodes import Nodes
 
 STAGES = ("RAY_FORMING", "RAY_READY", "LOADING", "MODEL_LISTED", "SERVING")
 DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0}
 POLL_S = 0.25
-PROC_TREE = Path(__file__).resolve().parent.parent / "roles" / "serve" / "files" / "proc_tree.sh"
+PROC_TREE = resources.data("roles", "serve", "files", "proc_tree.sh")
 
 # Ray's state API on the head (FlagScale starts the dashboard on 127.0.0.1:8265
 # of the master host, which the container shares through --net=host).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def ansible_collections() -> Path:
+    """The collections `flagops setup` installed into the real $FLAGOPS_HOME (installed
+    now if missing: the one step of the unit tests that may need the package index)."""
+    from flagops import resources
+
+    resources.ensure_collections()
+    return resources.collections_dir()
+
+
 @pytest.fixture(autouse=True)
-def flagops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Never touch the developer's ~/.flagops from tests."""
+def flagops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ansible_collections: Path) -> Path:
+    """Never touch the developer's ~/.flagops from tests (the installed collections are
+    shared read-only through a link)."""
     home = tmp_path / "flagops-home"
+    home.mkdir(mode=0o700)
+    os.symlink(ansible_collections, home / "collections")
     monkeypatch.setenv("FLAGOPS_HOME", str(home))
     monkeypatch.delenv("FLAGOPS_CATALOG", raising=False)
     return home

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from flagops import resources
+
 REPO = Path(__file__).resolve().parents[2]
 ROLES = [
     "preflight",
@@ -58,6 +60,7 @@ def molecule_env(lab, tmp_path_factory):  # noqa: ARG001 - lab: the running lab 
         os.environ,
         FLAGOPS_REPO=str(REPO),
         FLAGOPS_MOLECULE_VARS=str(vars_file),
+        FLAGOPS_COLLECTIONS=str(resources.collections_dir()),
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         NO_COLOR="1",
@@ -75,5 +78,10 @@ def test_role_scenario(role, molecule_env):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     # Each step really ran (a disabled or skipped step must not pass silently).
-    for step in ("syntax", "converge", "idempotence", "verify"):
+    for step in ("syntax", "converge", "idempotence", "check", "verify"):
         assert re.search(rf"{step}: Executed: Successful", out), f"{step} did not run:\n{out[-3000:]}"
+    # The --check converge after idempotence: a task that would change something in check
+    # mode while the real run changes nothing is a check-mode bug (or a real drift).
+    check = out[out.index("check: Executing"):out.index("check: Executed")]
+    changed = re.findall(r"^(\S+)\s+:.*\bchanged=(\d+)", check, re.M)
+    assert changed and all(n == "0" for _, n in changed), check[-3000:]

@@ -117,9 +117,10 @@ def test_secrets_do_not_leak_to_disk_or_argv(tmp_path: Path, local_inventory: Pa
     )
     result = runner.run_playbook(str(pb), local_inventory, {"flagops": {"k": "v"}}, json_out=True)
     assert result.ok, result.failures
-    pdd = result.private_data_dir
-    assert not (pdd / "env" / "extravars").exists()  # removed after the run
-    cmd = json.loads(next(pdd.glob("artifacts/*/command")).read_text())
+    pdd = result.artifact_dir.parents[1]  # $FLAGOPS_HOME/runs, ansible-runner's private data dir
+    assert list((pdd / "vars").iterdir()) == []  # the extra vars file is removed after the run
+    assert not (pdd / "env" / "extravars").exists()
+    cmd = json.loads((result.artifact_dir / "command").read_text())
     assert "-e" in cmd["command"] and all("{" not in a for a in cmd["command"])  # vars by file
     assert cmd["env"]["FLAGOPS_REGISTRY_PASSWORD"] == runner.REDACTED
     for path in pdd.rglob("*"):
@@ -130,15 +131,20 @@ def test_secrets_do_not_leak_to_disk_or_argv(tmp_path: Path, local_inventory: Pa
 
 def test_runs_rotate(tmp_path: Path, local_inventory: Path, monkeypatch: pytest.MonkeyPatch,
                      flagops_home: Path) -> None:
+    """ansible-runner names (ident) and rotates the artifact dirs; runs in the same second
+    never collide."""
     monkeypatch.setattr(runner, "KEEP_RUNS", 2)
     pb = tmp_path / "tiny.yml"
     pb.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n")
+    monkeypatch.setattr(runner.time, "strftime", lambda fmt: "20261202-120000")  # one second
     dirs = []
     for _ in range(3):
-        dirs.append(runner.run_playbook(str(pb), local_inventory, {}, json_out=True).private_data_dir)
-        os.utime(dirs[-1], (0, len(dirs)))  # deterministic order by mtime
-    remaining = sorted(p.name for p in (flagops_home / "runs").iterdir())
-    assert len(remaining) == 2 and dirs[0].name not in remaining
+        result = runner.run_playbook(str(pb), local_inventory, {}, json_out=True)
+        assert result.ok, result.failures
+        dirs.append(result.artifact_dir)
+    assert len({d.name for d in dirs}) == 3
+    remaining = sorted(p.name for p in (flagops_home / "runs" / "artifacts").iterdir())
+    assert remaining == sorted(d.name for d in dirs[1:])
 
 
 def test_missing_playbook_is_a_clean_error(local_inventory: Path) -> None:
