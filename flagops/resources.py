@@ -6,7 +6,8 @@ repository's root (``playbooks/``, ``roles/``, ``schemas/``, ``inventories/``,
 checkout, real copies in a built wheel), always through :mod:`importlib.resources`, so an
 installed flagops works from any directory and never looks for a checkout.
 
-Installed: the Ansible collections the roles use (``community.docker``, ``ansible.posix``).
+Installed: the Ansible collections the roles use (``community.docker``, ``ansible.posix``
+and the one community.docker depends on).
 Galaxy is not always reachable, PyPI is: :func:`ensure_collections` takes them out of the
 PyPI ``ansible`` bundle wheel (pinned, downloaded once with pip, so the user's pip index
 settings and mirrors apply) into ``$FLAGOPS_HOME/collections``. ``flagops setup`` runs it;
@@ -26,8 +27,10 @@ from flagops import state
 from flagops.errors import RunError
 
 ANSIBLE_BUNDLE = "ansible==12.3.0"
-# Collection -> the version the bundle above carries (checked after extraction).
-COLLECTIONS = {"community.docker": "4.8.5", "ansible.posix": "2.1.0"}
+# Collection -> the version the bundle above carries (checked after extraction);
+# community.docker declares the inventory-filtering collection as its dependency.
+COLLECTIONS = {"community.docker": "4.8.5", "ansible.posix": "2.1.0",
+               "community.library_inventory_filtering_v1": "1.1.5"}
 
 
 def data(*parts: str) -> Path:

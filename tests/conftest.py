@@ -10,6 +10,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "contract: reads our output with third-party code fetched from PyPI (needs the index)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the flag-scale wheel from PyPI is a contract test."""
+    for item in items:
+        if "flagscale_site" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.contract)
+
+
 @pytest.fixture(scope="session")
 def ansible_collections() -> Path:
     """The collections `flagops setup` installed into the real $FLAGOPS_HOME (installed

@@ -38,7 +38,7 @@ def up(json_out: bool) -> None:
     _emit(report, json_out)
     if not json_out:
         click.echo(
-            f"lab up in {report['seconds']:.1f}s; inventory: inventories/lab.yaml; "
+            f"lab up in {report['seconds']:.1f}s; inventory: {report['inventory']}; "
             f"flagscale commit {report['flagscale_commit']}"
         )
 

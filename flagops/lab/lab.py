@@ -58,6 +58,23 @@ class _Steps:
         return result
 
 
+def write_inventory(paths: LabPaths, commit: str) -> Path:
+    """``<lab>/inventory.yaml``: the shipped ``inventories/lab.yaml`` (comments kept) with
+    this lab's key, known_hosts and FlagScale commit, so an installed flagops (no checkout)
+    has an inventory to provision: ``flagops provision ~/.flagops/lab/inventory.yaml``."""
+    import re
+
+    from flagops import resources
+
+    text = resources.data("inventories", "lab.yaml").read_text(encoding="utf-8")
+    text = text.replace("~/.flagops/lab/", f"{paths.root}/")
+    text = re.sub(r"(?m)^(\s+commit: )[0-9a-f]{40}", lambda m: m.group(1) + commit, text)
+    out = paths.root / "inventory.yaml"
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+    return out
+
+
 def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
     """Bring the whole lab up; returns facts and per-step seconds."""
     try:
@@ -94,6 +111,7 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
         "known_hosts": str(paths.known_hosts),
     }
     (paths.root / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    facts["inventory"] = str(write_inventory(paths, commit))
     steps.report.update(facts, ok=True, seconds=round(time.monotonic() - started, 2))
     return steps.report
 

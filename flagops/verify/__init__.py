@@ -15,5 +15,3 @@ Every check reports ``pass``, ``fail`` or ``skip`` with a reason and its measure
 """
 
 from __future__ import annotations
-
-STATUSES = ("pass", "fail", "skip")

@@ -385,10 +385,6 @@ def check_metrics(ctx: Context) -> list[CheckResult]:
 # --------------------------------------------------------------------------- nodes lane
 
 
-def _host_summary(per_host: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    return {h: {k: v.get(k) for k in keys if k in v} for h, v in per_host.items()}
-
-
 def _image_repo(ref: str) -> str:
     """Repository part of an image reference (drops ``:tag`` and ``@digest``)."""
     name = ref.split("@", 1)[0]

@@ -153,7 +153,8 @@ def test_preflight_docker_down_on_node2(stopped: Lab) -> None:
         assert "node2: docker: found" in msg and "fix: install Docker and start dockerd" in msg
         assert "node1: docker" not in msg
     finally:
-        stopped.ssh(NODE2, "service docker start >/dev/null 2>&1; for i in $(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1")
+        stopped.ssh(NODE2, "service docker start >/dev/null 2>&1; "
+                           "for i in $(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1")
 
 
 def test_preflight_not_enough_free_space(stopped: Lab, tmp_path: Path) -> None:
@@ -169,7 +170,8 @@ def test_preflight_not_enough_free_space(stopped: Lab, tmp_path: Path) -> None:
 def test_preflight_api_port_taken(stopped: Lab) -> None:
     pid = stopped.ssh(NODE1, "nohup python3 -m http.server 30000 --bind 0.0.0.0 >/dev/null 2>&1 & echo $!").strip()
     try:
-        stopped.ssh(NODE1, "for i in $(seq 40); do ss -Hltn 'sport = :30000' | grep -q . && exit 0; sleep 0.25; done; exit 1")
+        stopped.ssh(NODE1, "for i in $(seq 40); do ss -Hltn 'sport = :30000' | grep -q . && exit 0; "
+                           "sleep 0.25; done; exit 1")
         msg = _preflight_fails(stopped)
         assert f"node1: port_30000: found in use by pid {pid}" in msg
         assert "fix: stop the process holding port 30000" in msg
@@ -201,7 +203,8 @@ def test_preflight_ssh_key_removed(stopped: Lab, tmp_path: Path, monkeypatch: py
         rc, events = provision(stopped, "--tags", "preflight")
         msg = "\n".join(f["msg"] for f in result(events)["failures"])
         assert rc != 0
-        assert "node2: ssh: found unreachable" in msg and "check ansible_host/ansible_port/ansible_user and the key" in msg
+        assert "node2: ssh: found unreachable" in msg
+        assert "check ansible_host/ansible_port/ansible_user and the key" in msg
         assert stopped.ssh(NODE1, "docker ps -a --no-trunc -q; find /share/.flagops -type f | sort") == before
     finally:
         subprocess.run(["docker", "exec", node, "mv", ak + ".flagops-test", ak], check=True)

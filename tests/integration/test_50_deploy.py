@@ -49,7 +49,8 @@ def serve_pid(lab: Lab) -> int:
 
 
 def raylet_pid(lab: Lab, node) -> str:
-    return lab.ssh(node, "docker exec flagos sh -c 'for p in /proc/[0-9]*; do grep -qa '[r]aylet/raylet' $p/cmdline 2>/dev/null && basename $p; done | head -1'").strip()
+    return lab.ssh(node, "docker exec flagos sh -c 'for p in /proc/[0-9]*; do "
+                         "grep -qa '[r]aylet/raylet' $p/cmdline 2>/dev/null && basename $p; done | head -1'").strip()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,8 @@ def test_changed_engine_arg_restarts_service_and_ray(provisioned: Lab, tmp_path:
     res = deploy(provisioned, inventory=str(changed))
     assert res["ok"] and res["action"] == "restart", res["reason"]
     assert serve_pid(provisioned) != pid
-    assert raylet_pid(provisioned, NODE2) != ray2, "Ray on the worker must restart (envs reach workers only via ray start)"
+    assert raylet_pid(provisioned, NODE2) != ray2, \
+        "Ray on the worker must restart (envs reach workers only via ray start)"
     installed = provisioned.ssh(NODE1, "cat /share/repos/FlagScale/examples/ernie45/conf/serve/300b.yaml")
     assert "max_num_seqs: 16" in installed
     back = deploy(provisioned)  # and back to the committed inventory
@@ -151,7 +153,8 @@ def test_stop_without_flagscale_pid_file(provisioned: Lab) -> None:
     assert st["state"] == "STOPPED"
     for node in NODES:
         assert st["nodes"][node.hostname]["container"]["running"], "containers stay up without --containers"
-        left = provisioned.ssh(node, "docker exec flagos sh -c 'grep -las -e [r]aylet -e [g]cs_server -e [v]llm /proc/[0-9]*/cmdline || true'")
+        left = provisioned.ssh(node, "docker exec flagos sh -c "
+                                     "'grep -las -e [r]aylet -e [g]cs_server -e [v]llm /proc/[0-9]*/cmdline || true'")
         assert left.strip() == "", f"{node.hostname} still runs: {left}"
 
 

@@ -621,7 +621,8 @@ def test_concurrent_runs_refused_by_the_lock(serving: Lab) -> None:
     assert first.returncode == 0, err[-2000:]
     assert _holder() is None, "the lock record outlived its run"
     assert status(probe=True)["state"] == "SERVING"
-    record("concurrent_runs", detect_s=0, recover_s=0, message=f"pid {first.pid} on {socket.gethostname()} since {since}")
+    record("concurrent_runs", detect_s=0, recover_s=0,
+           message=f"pid {first.pid} on {socket.gethostname()} since {since}")
 
 
 def test_stale_lock_of_a_dead_run_is_detected(serving: Lab) -> None:

@@ -4,7 +4,6 @@ artifact rotation and secret hygiene."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
