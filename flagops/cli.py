@@ -213,6 +213,7 @@ def extravars_for(cfg: Any) -> dict[str, Any]:
     return {
         "flagops": {
             "release": cfg.release,
+            "contract": render_mod.contract(cfg),
             "rendered": render_mod.render_files(cfg),
             "inventory_file": str(cfg.inventory_file),
         }

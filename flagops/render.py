@@ -52,6 +52,44 @@ def conf_dir(cfg: Config) -> str:
     return f"examples/{cfg.release['flagscale']['example']}/conf"
 
 
+# Fixed by flagops' own design (container mounts) and by FlagScale 0.8.0 (its runner's
+# file names, the Ray dashboard it starts on the head).
+CONTAINER_REPO_DIR = "/repos/FlagScale"
+RAY_DASHBOARD_PORT = 8265
+OWNER_LABEL = "io.flagops.managed"
+SERVE_LOG = "serve_logs/host_0_localhost.output"  # FlagScale: <exp_dir>/serve_logs/host_<rank>_<host>.output
+SERVE_PID = "serve_logs/pids/host_0_localhost.pid"
+
+
+def contract(cfg: Config) -> dict[str, Any]:
+    """Every path, port, label and rule that Python and the roles both use, computed once.
+
+    Playbooks read it as ``flagops.contract`` (playbooks/vars/flagops.yml maps it to role
+    variables); :mod:`flagops.service` and verify read the same dict. docs/DESIGN.md lists
+    each key with its users.
+    """
+    share = cfg.share_root
+    exp_dir = f"outputs/{cfg.release['flagscale']['exp_name']}"
+    return {
+        "share": share,
+        "container": cfg.container_name,
+        "model_dir": f"{share}/models/{cfg.release['model']['name']}",
+        "repo_dir": f"{share}/repos/FlagScale",
+        "container_repo_dir": CONTAINER_REPO_DIR,
+        "conf_dir": conf_dir(cfg),
+        "state_file": f"{share}/.flagops/service/{cfg.release['name']}.json",
+        "serve_log": f"{share}/repos/FlagScale/{exp_dir}/{SERVE_LOG}",
+        "container_serve_log": f"{CONTAINER_REPO_DIR}/{exp_dir}/{SERVE_LOG}",
+        "container_serve_pid": f"{CONTAINER_REPO_DIR}/{exp_dir}/{SERVE_PID}",
+        "api_port": int(cfg.release["serve"]["engine_args"].get("port", 8000)),
+        "ray_dashboard_port": RAY_DASHBOARD_PORT,
+        "owner_label": OWNER_LABEL,
+        # A complete Ray cluster: one alive node per inventory host, each with this resource.
+        "ray_nodes": len(cfg.hosts),
+        "ray_resource": "GPU" if cfg.slot_type == "gpu" else "CPU",
+    }
+
+
 def hostfile_text(cfg: Config) -> str:
     lines = [_header(cfg, "ip slots type=xxx[optional]  (first line = master / Ray head)").rstrip("\n")]
     for host in cfg.hosts:

@@ -28,18 +28,19 @@ from typing import Any
 from flagops import resources
 from flagops.config import Config
 from flagops.nodes import Nodes
+from flagops.render import contract
 
 STAGES = ("RAY_FORMING", "RAY_READY", "LOADING", "MODEL_LISTED", "SERVING")
 DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0}
 POLL_S = 0.25
 PROC_TREE = resources.data("roles", "serve", "files", "proc_tree.sh")
 
-# Ray's state API on the head (FlagScale starts the dashboard on 127.0.0.1:8265
+# Ray's state API on the head (FlagScale starts the dashboard on 127.0.0.1:<ray_dashboard_port>
 # of the master host, which the container shares through --net=host).
 _RAY_NODES_PY = r"""
 import json, sys, urllib.request
 try:
-    with urllib.request.urlopen("http://127.0.0.1:8265/api/v0/nodes?limit=100&detail=1", timeout=2) as r:
+    with urllib.request.urlopen(sys.argv[1] + "/api/v0/nodes?limit=100&detail=1", timeout=2) as r:
         doc = json.load(r)
 except Exception as exc:
     print(json.dumps({"error": str(exc)})); sys.exit(0)
@@ -58,16 +59,15 @@ def served_model(cfg: Config) -> str:
 
 
 def endpoint(cfg: Config) -> str:
-    return f"http://{cfg.master.address}:{int(cfg.release['serve']['engine_args'].get('port', 8000))}"
+    return f"http://{cfg.master.address}:{contract(cfg)['api_port']}"
 
 
 def state_file(cfg: Config) -> str:
-    return f"{cfg.share_root}/.flagops/service/{cfg.release['name']}.json"
+    return str(contract(cfg)["state_file"])
 
 
 def serve_log(cfg: Config) -> str:
-    exp = cfg.release["flagscale"]["exp_name"]
-    return f"{cfg.share_root}/repos/FlagScale/outputs/{exp}/serve_logs/host_0_localhost.output"
+    return str(contract(cfg)["serve_log"])
 
 
 def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 3.0) -> tuple[int, str]:
@@ -83,12 +83,13 @@ def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 3.0) ->
 
 
 def expected_resource(cfg: Config) -> str:
-    return "GPU" if cfg.slot_type == "gpu" else "CPU"
+    return str(contract(cfg)["ray_resource"])
 
 
 def ray_nodes(nodes: Nodes) -> dict[str, Any]:
     """Alive Ray nodes and their resources, asked of the head on the master host."""
-    r = nodes.run(["python3", "-c", _RAY_NODES_PY], [nodes.master.name], timeout=10)[nodes.master.name]
+    url = f"http://127.0.0.1:{contract(nodes.cfg)['ray_dashboard_port']}"
+    r = nodes.run(["python3", "-c", _RAY_NODES_PY, url], [nodes.master.name], timeout=10)[nodes.master.name]
     if not r.ok:
         return {"error": r.stderr.strip() or f"rc={r.rc}"}
     try:
@@ -174,7 +175,7 @@ def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
             "reachable": True,
             "running": bool(st.get("Running")),
             "status": st.get("Status"),
-            "managed": (json.loads(labels) or {}).get("io.flagops.managed") == "true",
+            "managed": (json.loads(labels) or {}).get(contract(cfg)["owner_label"]) == "true",
             "image_id": image_id,
             "digests": json.loads(digests) or [],
         }

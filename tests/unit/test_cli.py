@@ -54,7 +54,9 @@ def test_provision_validates_renders_locks_runs_and_remembers(monkeypatch: pytes
     assert call["name"] == "provision" and call["check"] and call["diff"]
     assert call["tags"] == "image" and call["limit"] == "node2" and call["json_out"]
     fl = call["extravars"]["flagops"]
-    assert set(fl) == {"release", "rendered", "inventory_file"}
+    assert set(fl) == {"release", "contract", "rendered", "inventory_file"}
+    assert fl["contract"]["state_file"] == "/share/.flagops/service/ernie45.json"
+    assert fl["contract"]["ray_nodes"] == 2 and fl["contract"]["ray_resource"] == "GPU"
     assert set(fl["rendered"]) == {"hostfile.txt", "serve.yaml", "serve/300b.yaml"}
     assert "password" not in json.dumps(call["extravars"]).lower()
     assert not (flagops_home / "lock.json").exists()
