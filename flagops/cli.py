@@ -164,7 +164,9 @@ def render(release: str, inventory: str | None, out_dir: str, ansible_vars: str 
     cfg = config.load(_resolve_inventory(inventory), release)
     written = render_mod.write(cfg, out_dir)
     if ansible_vars:
-        Path(ansible_vars).write_text(json.dumps(extravars_for(cfg), indent=1, sort_keys=True))
+        from flagops import api
+
+        Path(ansible_vars).write_text(json.dumps(api.extravars_for(cfg), indent=1, sort_keys=True))
         written.append(Path(ansible_vars))
     if json_out:
         _emit_json({"ok": True, "release": cfg.release_name, "files": [str(p) for p in written]})
@@ -186,8 +188,10 @@ def render(release: str, inventory: str | None, out_dir: str, ansible_vars: str 
 def provision(inventory: str, release: str | None, check: bool, diff: bool, tags: str | None,
               skip_tags: str | None, limit: str | None, json_out: bool) -> None:
     """Prepare every node: weights, FlagScale, image, container, ssh trust, installs."""
-    run_with_release("provision", inventory, release, check=check, diff=diff, tags=tags,
-                     skip_tags=skip_tags, limit=limit, json_out=json_out)
+    from flagops import api
+
+    api.provision(inventory, release, check=check, diff=diff, tags=tags, skip_tags=skip_tags, limit=limit,
+                  json_out=json_out, on_takeover=takeover_notice)
 
 
 @main.command()
@@ -206,43 +210,8 @@ def setup(json_out: bool) -> None:
         click.echo(f"collections: {have} in {resources.collections_dir()}")
 
 
-def extravars_for(cfg: Any) -> dict[str, Any]:
-    """The single extra var every playbook gets (DESIGN.md, "Playbooks get one extra var")."""
-    from flagops import render as render_mod
-
-    return {
-        "flagops": {
-            "release": cfg.release,
-            "contract": render_mod.contract(cfg),
-            "rendered": render_mod.render_files(cfg),
-            "inventory_file": str(cfg.inventory_file),
-        }
-    }
-
-
-def run_with_release(playbook: str, inventory: str, release: str | None, *, json_out: bool,
-                     **options: Any) -> Any:
-    """validate -> render -> lock -> run_playbook -> remember; exits 1 on a failed run.
-
-    Shared with other commands (deploy, stop) so they follow the same sequence.
-    """
-    from flagops import config, runner, state
-    from flagops.errors import RunError
-
-    cfg = config.load(inventory, release)
-    extravars = extravars_for(cfg)
-
-    def notice(stale: state.Holder) -> None:
-        click.echo(f"note: taking over the lock left by a dead run ({stale.describe()})", err=True)
-
-    with state.lock(f"flagops {playbook} {inventory}", on_takeover=notice):
-        result = runner.run_playbook(playbook, inventory, extravars, json_out=json_out, **options)
-        if not options.get("check"):
-            state.remember(inventory, cfg.release_name)
-    if not result.ok:
-        hosts = ", ".join(f"{f['host']}: {f['task']}" for f in result.failures if f.get("host"))
-        raise RunError(f"{playbook} failed (ansible rc={result.rc})" + (f" at {hosts}" if hosts else ""))
-    return result
+def takeover_notice(stale: Any) -> None:
+    click.echo(f"note: taking over the lock left by a dead run ({stale.describe()})", err=True)
 
 
 if __name__ == "__main__":

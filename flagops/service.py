@@ -14,6 +14,7 @@ node in parallel.
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import tarfile
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,27 @@ from flagops.config import Config
 from flagops.nodes import Nodes
 from flagops.render import contract
 
-STAGES = ("RAY_FORMING", "RAY_READY", "LOADING", "MODEL_LISTED", "SERVING")
+
+class ServiceState(enum.StrEnum):
+    """The one set of service states: deploy's readiness stages, then what status adds."""
+
+    RAY_FORMING = "RAY_FORMING"
+    RAY_READY = "RAY_READY"
+    LOADING = "LOADING"
+    MODEL_LISTED = "MODEL_LISTED"
+    SERVING = "SERVING"
+    DEGRADED = "DEGRADED"  # something flagops started is gone or missing
+    UNREACHABLE = "UNREACHABLE"  # a node could not be asked: never reported as STOPPED
+    STOPPED = "STOPPED"
+
+    @property
+    def settled(self) -> bool:
+        """A state `flagops status` exits 0 for: serving, listed (not probed) or stopped."""
+        return self in (ServiceState.SERVING, ServiceState.MODEL_LISTED, ServiceState.STOPPED)
+
+
+S = ServiceState
+STAGES = (S.RAY_FORMING, S.RAY_READY, S.LOADING, S.MODEL_LISTED, S.SERVING)
 DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0}
 POLL_S = 0.25
 PROC_TREE = resources.data("roles", "serve", "files", "proc_tree.sh")
@@ -196,15 +217,12 @@ class Stage:
 
 @dataclass
 class Readiness:
-    state: str = "RAY_FORMING"
+    state: ServiceState = ServiceState.RAY_FORMING
     ok: bool = False
     reason: str = ""
     stages: list[Stage] = field(default_factory=list)
     ready_at: float | None = None
     logs: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _wait(
@@ -264,7 +282,7 @@ def wait_ready(
         )
         return code == 200, f"one-token completion -> {code or body}"
 
-    plan = [("RAY_READY", ray_ok), ("LOADING", health), ("MODEL_LISTED", listed), ("SERVING", serving)]
+    plan = [(S.RAY_READY, ray_ok), (S.LOADING, health), (S.MODEL_LISTED, listed), (S.SERVING, serving)]
     for name, check in plan:
         ok, detail, secs = _wait(check, t[name], alive)
         stage = Stage(name, ok, round(secs, 3), detail, at=time.time())
@@ -305,6 +323,31 @@ def failure_logs(cfg: Config, nodes: Nodes, lines: int = 30) -> dict[str, str]:
 # --------------------------------------------------------------------------- status
 
 
+def derive_state(*, unreachable: bool, problems: bool, recorded: bool, alive: bool, health: int,
+                 ray_members: bool, ray_ready: bool, listed: bool, probed: bool, served: bool) -> ServiceState:
+    """The service state from what status observed, most severe first.
+
+    ``health`` is the HTTP status of ``/health`` (0: no answer); ``problems``: a container,
+    the recorded serve process or a Ray member that should be there is not; ``served``: the
+    one-token completion answered (only asked when ``probed``).
+    """
+    if unreachable:
+        return S.UNREACHABLE  # never report STOPPED for a node flagops could not ask
+    if not recorded and health == 0 and not ray_members:
+        return S.STOPPED
+    if problems:
+        return S.DEGRADED
+    if listed and (served or not probed):
+        return S.SERVING if served else S.MODEL_LISTED
+    if health == 200:
+        return S.MODEL_LISTED if listed else S.LOADING
+    if ray_ready:
+        return S.LOADING
+    if alive:
+        return S.RAY_FORMING
+    return S.STOPPED
+
+
 def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[str, Any]:
     """Everything flagops knows about the service, gathered from all nodes in parallel."""
     from concurrent.futures import ThreadPoolExecutor
@@ -339,22 +382,11 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     if listed and probe_completion and not problems and not unreachable:
         serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
 
-    if unreachable:
-        state = "UNREACHABLE"  # never report STOPPED for a node flagops could not ask
-    elif not proc["recorded"] and health[0] == 0 and not any(v["member"] for v in member["hosts"].values()):
-        state = "STOPPED"
-    elif problems:
-        state = "DEGRADED"
-    elif listed and (serving or not probe_completion):
-        state = "SERVING" if serving else "MODEL_LISTED"
-    elif health[0] == 200:
-        state = "MODEL_LISTED" if listed else "LOADING"
-    elif member["ready"]:
-        state = "LOADING"
-    elif proc["alive"]:
-        state = "RAY_FORMING"
-    else:
-        state = "STOPPED"
+    state = derive_state(
+        unreachable=bool(unreachable), problems=bool(problems), recorded=proc["recorded"], alive=proc["alive"],
+        health=health[0], ray_members=any(v["member"] for v in member["hosts"].values()),
+        ray_ready=member["ready"], listed=listed, probed=probe_completion, served=serving,
+    )
 
     per_node = {}
     for h in cfg.hosts:

@@ -1,4 +1,4 @@
-"""deploy / status / logs / stop: the service commands (see flagops.service)."""
+"""deploy / status / logs / stop: argument parsing and printing over :mod:`flagops.api`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from flagops.cli import _emit_json, _resolve_inventory, extravars_for, handle_errors, json_option
-from flagops.errors import FlagopsError, RunError
+from flagops.cli import _emit_json, _resolve_inventory, handle_errors, json_option, takeover_notice
+from flagops.errors import FlagopsError
 
 STATE_STYLE = {
     "SERVING": "green",
@@ -44,30 +44,6 @@ def _parse_timeouts(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _run(cfg: Any, playbook: str, json_out: bool, **flagops_extra: Any) -> tuple[Any, list[dict[str, Any]]]:
-    from flagops import runner, state
-
-    extravars = extravars_for(cfg)
-    extravars["flagops"].update(flagops_extra)
-    facts: list[dict[str, Any]] = []
-
-    def on_event(ev: dict[str, Any]) -> None:
-        if ev.get("event") == "runner_on_ok":
-            res = (ev.get("event_data") or {}).get("res") or {}
-            if isinstance(res, dict) and res.get("ansible_facts"):
-                facts.append(res["ansible_facts"])
-
-    def notice(stale: state.Holder) -> None:
-        click.echo(f"note: taking over the lock left by a dead run ({stale.describe()})", err=True)
-
-    with state.lock(f"flagops {playbook} {cfg.inventory_file}", on_takeover=notice):
-        result = runner.run_playbook(playbook, cfg.inventory_file, extravars, json_out=json_out, on_event=on_event)
-    if not result.ok:
-        where = ", ".join(f"{f['host']}: {f['task']}: {f['msg']}" for f in result.failures)
-        raise RunError(f"{playbook} failed (ansible rc={result.rc}): {where}")
-    return result, facts
-
-
 @click.command()
 @click.argument("release")
 @click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
@@ -87,16 +63,13 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
     Re-running with nothing changed keeps the service up. A changed engine argument
     or env value restarts it, Ray included.
     """
-    from flagops import service, state
-    from flagops.nodes import Nodes
+    from flagops import api, service
 
-    t0 = time.monotonic()
-    cfg = _load(inventory, release)
     limits = _parse_timeouts(timeouts)
-    result, facts = _run(cfg, "deploy", json_out, force_restart=restart)
-    state.remember(str(cfg.inventory_file), cfg.release_name)
-    action = next((f["serve_action"] for f in reversed(facts) if "serve_action" in f), "unknown")
-    t_play = time.monotonic() - t0
+
+    def on_played(action: str, seconds: float) -> None:
+        if not json_out:
+            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
 
     def on_stage(st: service.Stage) -> None:
         if json_out:
@@ -105,23 +78,10 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
             mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
             click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
 
-    if not json_out:
-        click.echo(f"service: {action} ({t_play:.1f}s of flagops + ansible); readiness:")
-    with Nodes(cfg) as nodes:
-        ready = service.wait_ready(cfg, nodes, limits, on_stage)
-    total = time.monotonic() - t0
-    doc = {
-        "ok": ready.ok,
-        "release": cfg.release_name,
-        "action": action,
-        "state": ready.state,
-        "reason": ready.reason,
-        "endpoint": service.endpoint(cfg),
-        "model": service.served_model(cfg),
-        "seconds": {"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
-        "stages": [vars(s) for s in ready.stages],
-        "logs": ready.logs,
-    }
+    ready = api.deploy(release, inventory, timeouts=limits, restart=restart, on_stage=on_stage, on_played=on_played,
+                       json_out=json_out, on_takeover=takeover_notice)
+    doc = ready.to_dict()
+    total = ready.seconds["total"]
     if json_out:
         _emit_json(doc)
     elif ready.ok:
@@ -144,14 +104,10 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
 @handle_errors
 def status(inventory: str | None, release: str | None, probe: bool, json_out: bool) -> None:
     """Per node: container, Ray membership, serve process; the service state and endpoint."""
-    from flagops import service
-    from flagops.nodes import Nodes
+    from flagops import api
 
-    t0 = time.monotonic()
-    cfg = _load(inventory, release)
-    with Nodes(cfg) as nodes:
-        st = service.status(cfg, nodes, probe_completion=probe)
-    st["seconds"] = round(time.monotonic() - t0, 3)
+    result = api.status(inventory, release, probe=probe)
+    st = result.to_dict()
     if json_out:
         _emit_json(st)
     else:
@@ -182,7 +138,7 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
         con.print(t)
         for p in st["problems"]:
             con.print(f"[red]problem:[/] {p}")
-    if st["state"] not in ("SERVING", "MODEL_LISTED", "STOPPED"):
+    if not result.state.settled:
         sys.exit(1)
 
 
@@ -217,22 +173,12 @@ def logs(inventory: str | None, release: str | None, output: str | None, json_ou
 @handle_errors
 def stop(inventory: str | None, release: str | None, containers: bool, json_out: bool) -> None:
     """Stop the service on every node: recorded pids, then `ray stop`; never pkill patterns."""
-    from flagops import service
-    from flagops.nodes import Nodes
+    from flagops import api
 
-    cfg = _load(inventory, release)
-    result, _ = _run(cfg, "stop", json_out, stop_containers=containers)
-    with Nodes(cfg) as nodes:
-        st = service.status(cfg, nodes)
-    doc = {
-        "ok": st["state"] == "STOPPED",
-        "state": st["state"],
-        "problems": st["problems"],
-        "seconds": round(result.elapsed, 2),
-    }
+    res = api.stop(inventory, release, containers=containers, json_out=json_out, on_takeover=takeover_notice)
     if json_out:
-        _emit_json(doc)
+        _emit_json(res.to_dict())
     else:
-        click.echo(f"service {st['state']}")
-    if st["state"] != "STOPPED":
-        raise FlagopsError(f"after stop the service is {st['state']}: {json.dumps(st['problems'])}")
+        click.echo(f"service {res.state}")
+    if not res.ok:
+        raise FlagopsError(f"after stop the service is {res.state}: {json.dumps(res.problems)}")

@@ -166,23 +166,9 @@ def verify(inventory: str | None, release: str | None, only: str | None, skip: s
             click.echo(f"{record_reference}: {len(doc['outputs'])} prompts, {n} greedy tokens from {base_url}")
         return
 
-    import logging
+    from flagops import api
 
-    from flagops.nodes import Nodes
-
-    # paramiko logs a traceback for every failed handshake; the check's reason says it once
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
-    logging.getLogger("paramiko").propagate = False
-    with Nodes(cfg) as nodes:
-        ctx.nodes = nodes
-        results = checks.run_checks(ctx, names)
-    doc: dict[str, Any] = {
-        "release": cfg.release_name,
-        "inventory": str(cfg.inventory_file),
-        "endpoint": base_url,
-        "model": ctx.model,
-        "checks": [r.to_dict() for r in results],
-    }
+    doc, results = api.run_checks(cfg, ctx, names)
     if bench:
         doc["bench"] = _bench(ctx, concurrency, num_prompts, input_len, output_len, range_ratio, save, base_doc,
                               max_regression)

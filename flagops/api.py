@@ -1,0 +1,228 @@
+"""flagops as a library: the verbs the CLI offers, with typed results.
+
+Every playbook verb goes through :func:`run`, the one run sequence: validate and render
+(:func:`flagops.config.load`), take the controller lock, run the playbook, remember the
+inventory, report. The CLI (:mod:`flagops.cli`, :mod:`flagops.service_cli`) only parses
+arguments and prints these results.
+
+    from flagops import api
+    api.provision("inventories/lab.yaml")
+    api.deploy("ernie45").state            # ServiceState.SERVING
+    api.status().state
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flagops import state
+from flagops.errors import FlagopsError, RunError
+from flagops.service import ServiceState
+
+
+@dataclass
+class RunReport:
+    """One playbook run: the runner's result plus the facts its tasks set."""
+
+    result: Any  # flagops.runner.Result
+    facts: list[dict[str, Any]] = field(default_factory=list)
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        return next((f[name] for f in reversed(self.facts) if name in f), default)
+
+
+@dataclass
+class DeployResult:
+    ok: bool
+    release: str
+    action: str  # what the serve role did: started / restarted / kept / ...
+    state: ServiceState
+    reason: str
+    endpoint: str
+    model: str
+    seconds: dict[str, float]
+    stages: list[dict[str, Any]]
+    logs: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class StatusResult:
+    state: ServiceState
+    doc: dict[str, Any]  # release, model, endpoint, per-node details, problems, seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.doc, "state": self.state}
+
+
+@dataclass
+class StopResult:
+    ok: bool
+    state: ServiceState
+    problems: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def inventory_or_last(inventory: str | Path | None) -> str:
+    if inventory:
+        return str(inventory)
+    last = state.last_inventory()
+    if not last:
+        raise FlagopsError("no inventory given and none remembered; pass -i INVENTORY")
+    return last
+
+
+def load(inventory: str | Path | None, release: str | None = None) -> Any:
+    from flagops import config
+
+    return config.load(inventory_or_last(inventory), release)
+
+
+def extravars_for(cfg: Any, **extra: Any) -> dict[str, Any]:
+    """The single extra var every playbook gets (DESIGN.md, "Playbooks get one extra var")."""
+    from flagops import render
+
+    return {
+        "flagops": {
+            "release": cfg.release,
+            "contract": render.contract(cfg),
+            "rendered": render.render_files(cfg),
+            "inventory_file": str(cfg.inventory_file),
+            **extra,
+        }
+    }
+
+
+def run(cfg: Any, playbook: str, *, json_out: bool = False, view: Any = None,
+        on_takeover: Callable[[state.Holder], None] | None = None,
+        flagops_extra: dict[str, Any] | None = None, **options: Any) -> RunReport:
+    """lock -> run_playbook -> remember -> report; raises RunError on a failed run."""
+    from flagops import runner
+
+    facts: list[dict[str, Any]] = []
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "runner_on_ok":
+            res = (ev.get("event_data") or {}).get("res") or {}
+            if isinstance(res, dict) and res.get("ansible_facts"):
+                facts.append(res["ansible_facts"])
+
+    extravars = extravars_for(cfg, **(flagops_extra or {}))
+    with state.lock(f"flagops {playbook} {cfg.inventory_file}", on_takeover=on_takeover):
+        result = runner.run_playbook(playbook, cfg.inventory_file, extravars, json_out=json_out, view=view,
+                                     on_event=on_event, **options)
+        if not options.get("check"):  # a failed run too: status/logs then know the cluster
+            state.remember(str(cfg.inventory_file), cfg.release_name)
+    if not result.ok:
+        where = "; ".join(f"{f['host']}: {f['task']}: {str(f['msg']).splitlines()[0] if f['msg'] else ''}"
+                          for f in result.failures if f.get("host"))
+        raise RunError(f"{playbook} failed (ansible rc={result.rc})" + (f" at {where}" if where else ""))
+    return RunReport(result, facts)
+
+
+def provision(inventory: str | Path, release: str | None = None, **options: Any) -> RunReport:
+    """Every runbook step before "Serve" (playbooks/provision.yml)."""
+    return run(load(inventory, release), "provision", **options)
+
+
+def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[str, float] | None = None,
+           restart: bool = False, on_stage: Callable[[Any], None] | None = None,
+           on_played: Callable[[str, float], None] | None = None, **options: Any) -> DeployResult:
+    """Configs into the installed FlagScale, `flagscale serve`, then staged readiness."""
+    import time
+
+    from flagops import service
+    from flagops.nodes import Nodes
+
+    t0 = time.monotonic()
+    cfg = load(inventory, release)
+    report = run(cfg, "deploy", flagops_extra={"force_restart": restart}, **options)
+    action = str(report.fact("serve_action", "unknown"))
+    t_play = time.monotonic() - t0
+    if on_played:
+        on_played(action, t_play)
+    with Nodes(cfg) as nodes:
+        ready = service.wait_ready(cfg, nodes, timeouts, on_stage)
+    total = time.monotonic() - t0
+    return DeployResult(
+        ok=ready.ok, release=cfg.release_name, action=action, state=ready.state, reason=ready.reason,
+        endpoint=service.endpoint(cfg), model=service.served_model(cfg),
+        seconds={"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
+        stages=[vars(s) for s in ready.stages], logs=ready.logs,
+    )
+
+
+def status(inventory: str | Path | None = None, release: str | None = None, *, probe: bool = True) -> StatusResult:
+    """Per node: container, Ray membership, serve process; the service state."""
+    import time
+
+    from flagops import service
+    from flagops.nodes import Nodes
+
+    t0 = time.monotonic()
+    cfg = load(inventory, release)
+    with Nodes(cfg) as nodes:
+        doc = service.status(cfg, nodes, probe_completion=probe)
+    doc["seconds"] = round(time.monotonic() - t0, 3)
+    return StatusResult(ServiceState(doc.pop("state")), doc)
+
+
+def stop(inventory: str | Path | None = None, release: str | None = None, *, containers: bool = False,
+         **options: Any) -> StopResult:
+    """Stop what flagops started (recorded pids, `ray stop`); containers only when asked."""
+    from flagops import service
+    from flagops.nodes import Nodes
+
+    cfg = load(inventory, release)
+    report = run(cfg, "stop", flagops_extra={"stop_containers": containers}, **options)
+    with Nodes(cfg) as nodes:
+        st = service.status(cfg, nodes)
+    now = ServiceState(st["state"])
+    return StopResult(ok=now is ServiceState.STOPPED, state=now, problems=st["problems"],
+                      seconds=round(report.result.elapsed, 2))
+
+
+def run_checks(cfg: Any, ctx: Any, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    """Run verify's checks against one service; the report document and the results."""
+    import logging
+
+    from flagops.nodes import Nodes
+    from flagops.verify import checks
+
+    # paramiko logs a traceback for every failed handshake; the check's reason says it once
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    logging.getLogger("paramiko").propagate = False
+    with Nodes(cfg) as nodes:
+        ctx.nodes = nodes
+        results = checks.run_checks(ctx, names)
+    doc: dict[str, Any] = {
+        "release": cfg.release_name,
+        "inventory": str(cfg.inventory_file),
+        "endpoint": ctx.base_url,
+        "model": ctx.model,
+        "checks": [r.to_dict() for r in results],
+    }
+    return doc, results
+
+
+def verify(inventory: str | Path | None = None, release: str | None = None, *, only: str | None = None,
+           skip: str | None = None, **options: Any) -> dict[str, Any]:
+    """The verify checks (no benchmark) against the service of ``inventory``; ``doc["ok"]``
+    is False when a check fails. ``options`` are :class:`flagops.verify.checks.Options` fields."""
+    from flagops import service
+    from flagops.verify import checks
+
+    cfg = load(inventory, release)
+    ctx = checks.Context(cfg, service.endpoint(cfg), service.served_model(cfg), None, checks.Options(**options))
+    doc, results = run_checks(cfg, ctx, checks.select(only, skip))
+    doc["summary"] = checks.summarize(results)
+    doc["ok"] = doc["summary"]["fail"] == 0
+    return doc
