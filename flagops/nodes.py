@@ -21,6 +21,7 @@ values never reach a shell unquoted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import shlex
@@ -249,6 +250,9 @@ class Nodes:
     """SSH connections to every inventory host, opened lazily and in parallel."""
 
     def __init__(self, cfg: Config, timeout: float = 5.0) -> None:
+        # paramiko logs every failed handshake or refused forward; the caller reports it once
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
+        logging.getLogger("paramiko").propagate = False
         self.cfg = cfg
         self.timeout = timeout
         self.hosts: dict[str, Host] = {h.name: h for h in cfg.hosts}
