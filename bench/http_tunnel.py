@@ -35,8 +35,8 @@ with urllib.request.urlopen(req, timeout=60) as r:
 
 def _stats(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
-    return {"median_ms": round(statistics.median(xs) * 1000, 2), "p90_ms": round(xs[int(0.9 * (len(xs) - 1))] * 1000, 2),
-            "min_ms": round(xs[0] * 1000, 2), "n": len(xs)}
+    return {"median_ms": round(statistics.median(xs) * 1000, 2),
+            "p90_ms": round(xs[int(0.9 * (len(xs) - 1))] * 1000, 2), "min_ms": round(xs[0] * 1000, 2), "n": len(xs)}
 
 
 def measure(call, n: int) -> dict[str, object]:  # noqa: ANN001

@@ -216,6 +216,9 @@ class _Forward:
             threading.Thread(target=self._pipe, args=(client, peer), daemon=True).start()
 
     def _pipe(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        # no Nagle on the local leg: a response written in two pieces (headers, body) would
+        # otherwise wait for the client's delayed ACK (~40 ms per request)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             chan = self.transport.open_channel("direct-tcpip", self.dest, peer, timeout=self.timeout)
         except Exception:  # nothing listens there, or the transport is gone: the client sees EOF
@@ -228,6 +231,14 @@ class _Forward:
                     data = client.recv(65536)
                     if not data:
                         break
+                    # An HTTP client writes headers and body separately; sshd on the far end
+                    # writes each to the server as it comes, and Nagle holds the second until
+                    # the server's delayed ACK (~40 ms). One ssh packet per request avoids it.
+                    while len(data) < 65536 and select.select([client], [], [], 0.001)[0]:
+                        more = client.recv(65536)
+                        if not more:
+                            break
+                        data += more
                     chan.sendall(data)
                 if chan in ready:
                     data = chan.recv(65536)
@@ -294,7 +305,11 @@ class Nodes:
                 conn = Connection(hs.host, user=hs.user, port=hs.port, connect_kwargs=kwargs,
                                   connect_timeout=self.timeout, gateway=gateway)
                 self._strict(conn, hs.known_hosts)
-                conn.open()
+                try:
+                    conn.open()
+                except Exception as exc:  # name the hop: "ssh to node1" alone would mislead
+                    raise OSError(f"jump host {hops[i]} ({hs.user}@{hs.host}:{hs.port}, settings from "
+                                  f"{hs.source}): {type(exc).__name__}: {exc}") from exc
                 # a hop that cannot reach the next host must say so within the timeout, not in an hour
                 conn.transport.channel_timeout = self.timeout
                 self._hops[key] = conn

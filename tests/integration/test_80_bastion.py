@@ -103,10 +103,14 @@ def test_provision_deploy_status_verify_through_the_bastion(bastion_lab: Lab) ->
     direct = fhttp.get(st["endpoint"] + "/health", timeout=5)
     assert direct.status == 0, direct
 
-    ver = bastion_lab.flagops("verify", "-i", INV, "--json", check=False)
+    # --bench: the asyncio client streams through the same forward
+    ver = bastion_lab.flagops("verify", "-i", INV, "--json", "--bench", "--num-prompts", "4", "--concurrency", "2",
+                              check=False)
     doc = json.loads(ver.stdout)
     assert ver.returncode == 0 and doc["ok"], [c for c in doc["checks"] if c["status"] == "fail"]
     assert doc["via"] == f"ssh via root@{BASTION.ip}"
     passed = {c["name"] for c in doc["checks"] if c["status"] == "pass"}
-    assert {"service.health", "service.chat", "service.chat_stream", "cluster.containers", "cluster.ray"} <= passed
+    assert {"service.health", "service.chat", "service.chat_stream", "cluster.containers", "cluster.ray",
+            "output.consistency", "bench.serve"} <= passed
+    assert doc["bench"]["completed"] == 4
     print(f"bastion: provision {t_prov:.1f}s, deploy {deployed['seconds']['total']}s, verify {doc['wall_s']}s")
