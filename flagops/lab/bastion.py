@@ -224,13 +224,16 @@ def ensure(client: docker.DockerClient, image: str, paths: LabPaths, progress: P
 def remove(client: docker.DockerClient | None, paths: LabPaths, progress: Progress) -> bool:
     """Bastion mode off (the default lab); True when there was something to undo."""
     changed = False
+    marked = SSH_CLIENT_DROPIN.exists() or (
+        paths.known_hosts.exists() and f"\n{BASTION.ip}," in "\n" + paths.known_hosts.read_text())
     if client is not None:
         found = _find(client)
         if found is not None:
             found.remove(force=True)
             progress(f"{BASTION.container}: removed")
             changed = True
-        for node in nodes.NODES:
+        # the default lab's `lab up` stays cheap: the nodes are asked only after a bastion mode
+        for node in nodes.NODES if (changed or marked) else ():
             c = nodes._find(client, node)
             if c is not None and c.status == "running" and _unlock_node(client, node):
                 progress(f"{node.container}: direct ssh and HTTP from the controller allowed again")

@@ -162,3 +162,19 @@ def test_lab_bastion_inventory_is_lab_plus_proxyjump() -> None:
     assert proxy_jump(line.split(":", 1)[1]) == [Hop("172.30.0.10", "root")]
     lab_args = next(ln for ln in lab if ln.startswith(key)).split(":", 1)[1].split("#")[0].strip()
     assert line.split(":", 1)[1].strip().startswith(lab_args)
+
+
+def test_lab_bastion_rules() -> None:
+    from flagops.lab import bastion, nodes
+
+    text = bastion.sshd_dropin_text()
+    allow = next(ln for ln in text.splitlines() if ln.startswith("AllowUsers")).split()[1:]
+    assert set(allow) == {"*@172.30.0.10", "*@172.30.0.11", "*@172.30.0.12", "*@127.0.0.1", "*@::1"}
+    assert f"*@{nodes.GATEWAY}" not in allow  # the controller
+    rule = " ".join(bastion.REJECT_RULE)
+    assert f"-s {nodes.GATEWAY} -p tcp --syn ! --dport 22" in rule and "-j REJECT" in rule
+    from flagops.lab.paths import LabPaths
+
+    cfg = bastion.ssh_client_text(LabPaths(Path("/lab")))
+    assert "Host 172.30.0.10\n" in cfg and "StrictHostKeyChecking yes" in cfg
+    assert "IdentityFile /lab/ssh/id_ed25519" in cfg and "UserKnownHostsFile /lab/ssh/known_hosts" in cfg
