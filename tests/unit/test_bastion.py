@@ -178,3 +178,17 @@ def test_lab_bastion_rules() -> None:
     cfg = bastion.ssh_client_text(LabPaths(Path("/lab")))
     assert "Host 172.30.0.10\n" in cfg and "StrictHostKeyChecking yes" in cfg
     assert "IdentityFile /lab/ssh/id_ed25519" in cfg and "UserKnownHostsFile /lab/ssh/known_hosts" in cfg
+
+
+def test_lab_writes_the_bastion_inventory(tmp_path: Path) -> None:
+    from flagops.lab.lab import write_inventory
+    from flagops.lab.paths import LabPaths
+
+    paths = LabPaths(tmp_path / "lab")
+    paths.root.mkdir()
+    out = write_inventory(paths, "a" * 40, "lab-bastion.yaml")
+    assert out.name == "inventory-bastion.yaml"
+    text = out.read_text()
+    assert "ProxyJump=root@172.30.0.10" in text and f"{paths.root}/ssh/known_hosts" in text
+    assert "commit: " + "a" * 40 in text and "~/.flagops/lab/" not in text
+    assert write_inventory(paths, "a" * 40).name == "inventory.yaml"
