@@ -13,7 +13,8 @@ arguments and prints these results.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,26 +191,51 @@ def stop(inventory: str | Path | None = None, release: str | None = None, *, con
                       seconds=round(report.result.elapsed, 2))
 
 
-def run_checks(cfg: Any, ctx: Any, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
-    """Run verify's checks against one service; the report document and the results."""
+@contextlib.contextmanager
+def reach(cfg: Any, ctx: Any) -> Iterator[str | None]:
+    """The nodes' ssh connections open (``ctx.nodes``) and ``ctx.base_url`` where this
+    process reaches the API: unchanged, or (master behind a jump host, no ``--endpoint``)
+    a local port forwarded over the master's ssh. Yields the route (``ssh via ...``) or None."""
     import logging
 
+    from flagops import service
     from flagops.nodes import Nodes
-    from flagops.verify import checks
 
     # paramiko logs a traceback for every failed handshake; the check's reason says it once
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     logging.getLogger("paramiko").propagate = False
+    shown = ctx.base_url
     with Nodes(cfg) as nodes:
         ctx.nodes = nodes
+        via = None
+        if not ctx.endpoint_overridden:
+            ctx.base_url = service.api_base(cfg, nodes)
+            via = nodes.via(nodes.master.name) if ctx.base_url != shown else None
+        try:
+            yield via
+        finally:
+            ctx.base_url = shown
+
+
+def run_checks(cfg: Any, ctx: Any, names: list[str],
+               then: Callable[[dict[str, Any], list[Any]], None] | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """Run verify's checks against one service; the report document and the results.
+    ``then(doc, results)`` runs while the connections (and a port forward) are still open."""
+    from flagops.verify import checks
+
+    shown = ctx.base_url
+    with reach(cfg, ctx) as via:
         results = checks.run_checks(ctx, names)
-    doc: dict[str, Any] = {
-        "release": cfg.release_name,
-        "inventory": str(cfg.inventory_file),
-        "endpoint": ctx.base_url,
-        "model": ctx.model,
-        "checks": [r.to_dict() for r in results],
-    }
+        doc: dict[str, Any] = {
+            "release": cfg.release_name,
+            "inventory": str(cfg.inventory_file),
+            "endpoint": shown,
+            "via": via,
+            "model": ctx.model,
+            "checks": [r.to_dict() for r in results],
+        }
+        if then is not None:
+            then(doc, results)
     return doc, results
 
 

@@ -19,14 +19,12 @@ import io
 import json
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flagops import resources
+from flagops import http, resources
 from flagops.config import Config
 from flagops.nodes import Nodes
 from flagops.render import contract
@@ -92,15 +90,15 @@ def serve_log(cfg: Config) -> str:
 
 
 def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 3.0) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")[:500]
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(getattr(exc, "reason", exc))
+    """(status, body) through flagops' one HTTP client; 0 and the reason when nothing answered."""
+    r = http.request("POST" if body is not None else "GET", url, body, timeout=timeout)
+    return r.status, r.text if r.ok else r.text[:500]
+
+
+def api_base(cfg: Config, nodes: Nodes) -> str:
+    """Where this process reaches the API: the endpoint itself, or, when the master is
+    reached through a jump host, a local port forwarded over the master's ssh connection."""
+    return nodes.http_base(nodes.master.name, cfg.master.address, int(contract(cfg)["api_port"]))
 
 
 def expected_resource(cfg: Config) -> str:
@@ -251,7 +249,7 @@ def wait_ready(
 ) -> Readiness:
     t = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
     res = Readiness()
-    base = endpoint(cfg)
+    base = api_base(cfg, nodes)
     model = served_model(cfg)
 
     def alive() -> tuple[bool, str]:
@@ -352,7 +350,7 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     """Everything flagops knows about the service, gathered from all nodes in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
-    base = endpoint(cfg)
+    base = api_base(cfg, nodes)
     with ThreadPoolExecutor(max_workers=5) as pool:
         f_ctr = pool.submit(containers, cfg, nodes)
         f_ray = pool.submit(ray_nodes, nodes)
@@ -401,7 +399,8 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         "release": cfg.release["name"],
         "state": state,
         "model": model,
-        "endpoint": base,
+        "endpoint": endpoint(cfg),
+        "via": nodes.via(nodes.master.name) if base != endpoint(cfg) else None,
         "health": health[0],
         "problems": problems,
         "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},

@@ -117,7 +117,8 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
         con = Console()
         con.print(
             f"[bold]{st['release']}[/] [{STATE_STYLE.get(st['state'], 'white')}]{st['state']}[/]  "
-            f"model {st['model']}  endpoint {st['endpoint']}/v1  ({st['seconds']}s)"
+            f"model {st['model']}  endpoint {st['endpoint']}/v1"
+            + (f" ({st['via']}, port forwarded)" if st.get("via") else "") + f"  ({st['seconds']}s)"
         )
         t = Table("node", "role", "address", "container", "ray", "serve")
         for name, n in st["nodes"].items():

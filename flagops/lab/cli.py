@@ -28,13 +28,15 @@ def lab() -> None:
 
 
 @lab.command()
+@click.option("--bastion", is_flag=True, help="Nodes reachable only through a jump host (172.30.0.10); "
+              "use inventories/lab-bastion.yaml. Without it, `lab up` restores the default lab.")
 @json_option
 @handle_errors
-def up(json_out: bool) -> None:
+def up(bastion: bool, json_out: bool) -> None:
     """Build what is missing and start the lab (idempotent)."""
     from flagops.lab import lab as core
 
-    report = core.up(LabPaths.default(), _progress)
+    report = core.up(LabPaths.default(), _progress, bastion=bastion)
     _emit(report, json_out)
     if not json_out:
         click.echo(
@@ -104,6 +106,9 @@ def _print_status(report: dict[str, Any]) -> None:
         report["image"],
         f"{report['image']['ref']} {report['image'].get('digest') or ''}".strip(),
     )
+    if report.get("bastion", {}).get("mode") == "bastion":
+        b = report["bastion"]
+        row("bastion", b, f"{b['container']} {b['ip']} {b.get('state')} (nodes only through it)")
     row("model", report["model"], report["model"]["path"])
     row("git repo", report["git_repo"], report["git_repo"]["path"])
     Console().print(table)

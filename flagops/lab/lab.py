@@ -58,7 +58,7 @@ class _Steps:
         return result
 
 
-def write_inventory(paths: LabPaths, commit: str) -> Path:
+def write_inventory(paths: LabPaths, commit: str, name: str = "lab.yaml") -> Path:
     """``<lab>/inventory.yaml``: the shipped ``inventories/lab.yaml`` (comments kept) with
     this lab's key, known_hosts and FlagScale commit, so an installed flagops (no checkout)
     has an inventory to provision: ``flagops provision ~/.flagops/lab/inventory.yaml``."""
@@ -66,17 +66,19 @@ def write_inventory(paths: LabPaths, commit: str) -> Path:
 
     from flagops import resources
 
-    text = resources.data("inventories", "lab.yaml").read_text(encoding="utf-8")
+    text = resources.data("inventories", name).read_text(encoding="utf-8")
     text = text.replace("~/.flagops/lab/", f"{paths.root}/")
     text = re.sub(r"(?m)^(\s+commit: )[0-9a-f]{40}", lambda m: m.group(1) + commit, text)
-    out = paths.root / "inventory.yaml"
+    # bastion mode (`lab up --bastion`): lab-bastion.yaml, the same with the ProxyJump
+    out = paths.root / ("inventory.yaml" if name == "lab.yaml" else "inventory-bastion.yaml")
     if not out.is_file() or out.read_text(encoding="utf-8") != text:
         out.write_text(text, encoding="utf-8")
     return out
 
 
-def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
-    """Bring the whole lab up; returns facts and per-step seconds."""
+def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, Any]:
+    """Bring the whole lab up; returns facts and per-step seconds. ``bastion``: the nodes
+    only through a jump host (:mod:`flagops.lab.bastion`); without it that mode is undone."""
     try:
         from flagops.lab.flagos_image import ensure_image
         from flagops.lab.flagscale_repo import ensure_repo
@@ -94,6 +96,7 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
         steps.run("network", lambda: nodes.ensure_network(client, progress))
         steps.run("services", lambda: services.ensure_services(paths, progress))
         steps.run("nodes", lambda: nodes.ensure_nodes(client, node_image, paths, progress))
+        steps.run("bastion", lambda: _bastion_mode(client, node_image, paths, progress, bastion))
         nodes.prune_node_images(client, keep=node_image)
         local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
         digest = steps.run("push", lambda: push_image(client, local, progress))
@@ -109,11 +112,21 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
         "node_image": node_image,
         "ssh_key": str(paths.ssh_key),
         "known_hosts": str(paths.known_hosts),
+        "mode": "bastion" if bastion else "default",
     }
     (paths.root / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
-    facts["inventory"] = str(write_inventory(paths, commit))
+    facts["inventory"] = str(write_inventory(paths, commit, "lab-bastion.yaml" if bastion else "lab.yaml"))
     steps.report.update(facts, ok=True, seconds=round(time.monotonic() - started, 2))
     return steps.report
+
+
+def _bastion_mode(client: docker.DockerClient, image: str, paths: LabPaths, progress: Progress, on: bool) -> None:
+    from flagops.lab import bastion
+
+    if on:
+        bastion.ensure(client, image, paths, progress)
+    elif bastion.remove(client, paths, progress):
+        progress("bastion mode: off (the default lab)")
 
 
 def _registry_digest() -> str | None:
@@ -151,6 +164,9 @@ def down(paths: LabPaths, progress: Progress, purge: bool = False) -> dict[str, 
     with _lab_lock(paths):
         client = engine.connect()
         if client is not None:
+            from flagops.lab import bastion
+
+            bastion.remove(client, paths, progress)
             nodes.remove_nodes(client, paths, progress)
             nodes.remove_network(client, progress)
         services.stop_services(paths, progress)
@@ -210,6 +226,9 @@ def status(paths: LabPaths) -> dict[str, Any]:
         except docker.errors.NotFound:
             report["network"] = {"up": False}
         report["nodes"] = nodes.nodes_status(client, paths)
+        from flagops.lab import bastion
+
+        report["bastion"] = bastion.status(client)
     report["services"] = services.services_status(paths)
     digest = _registry_digest()
     report["image"] = {"up": digest is not None, "ref": IMAGE_REF, "digest": digest}
@@ -234,4 +253,6 @@ def _all_up(report: dict[str, Any]) -> bool:
         *report.get("nodes", {}).values(),
         *report["services"].values(),
     ]
+    if report.get("bastion", {}).get("mode") == "bastion":
+        parts.append(report["bastion"])
     return bool(report.get("nodes")) and all(p.get("up") for p in parts)

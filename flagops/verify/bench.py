@@ -27,8 +27,9 @@ Metrics follow vLLM 0.32's ``vllm/benchmarks/serve.py`` (``calculate_metrics``) 
 - mean, median, std and p99 (linear interpolation between closest ranks, numpy's
   default) of TTFT, TPOT, ITL and E2EL in milliseconds.
 
-The HTTP client is asyncio's streams (HTTP/1.1, chunked transfer decoding, keep-alive
-pool): no third-party dependency.
+The HTTP client is :func:`flagops.http.async_client` (httpx, keep-alive pool, the overall
+timeout on every read) and the events go through :class:`flagops.http.SSEParser`, the
+parser every other flagops stream check uses.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ import json
 import math
 import random
 import time
-import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flagops import http as _http
 from flagops.verify.checks import http
 
 # Metrics compared against a baseline: (key, better) - "higher" or "lower".
@@ -251,114 +252,27 @@ def as_text(base_url: str, model: str, requests: list[Request], workers: int = 8
     return True
 
 
-# --------------------------------------------------------------------------- HTTP client
+# --------------------------------------------------------------------------- requests
 
 
-class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-
-class Client:
-    """Minimal HTTP/1.1 client for streaming POSTs with a keep-alive connection pool."""
-
-    def __init__(self, base_url: str, timeout: float = 600.0) -> None:
-        u = urllib.parse.urlsplit(base_url)
-        if u.scheme not in ("http", ""):
-            raise ValueError(f"only http:// endpoints are supported, got {base_url!r}")
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 80
-        self.prefix = u.path.rstrip("/")
-        self.timeout = timeout
-        self._idle: list[_Conn] = []
-        self.headers = {"Host": f"{self.host}:{self.port}", "Content-Type": "application/json",
-                        "Accept": "text/event-stream", "User-Agent": "flagops-verify-bench"}
-        import os
-
-        if os.environ.get("OPENAI_API_KEY"):
-            self.headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-
-    async def _conn(self) -> _Conn:
-        while self._idle:
-            c = self._idle.pop()
-            if not c.writer.is_closing() and not c.reader.at_eof():
-                return c
-        r, w = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
-        return _Conn(r, w)
-
-    async def close(self) -> None:
-        for c in self._idle:
-            c.writer.close()
-        self._idle.clear()
-
-    async def stream_post(self, path: str, body: dict[str, Any]):  # noqa: ANN201 - async generator
-        """Yield (status, chunk bytes) pieces of the response body as they arrive."""
-        payload = json.dumps(body).encode()
-        head = f"POST {self.prefix}{path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
-        head += f"Content-Length: {len(payload)}\r\n\r\n"
-        c = await self._conn()
-        reusable = False
-        try:
-            c.writer.write(head.encode() + payload)
-            await c.writer.drain()
-            status_line = await c.reader.readline()
-            if not status_line:
-                raise ConnectionError("connection closed before the response")
-            status = int(status_line.split()[1])
-            headers: dict[str, str] = {}
-            while True:
-                line = await c.reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                k, _, v = line.decode("latin-1").partition(":")
-                headers[k.strip().lower()] = v.strip()
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                while True:
-                    size_line = await c.reader.readline()
-                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while (await c.reader.readline()) not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        break
-                    data = await c.reader.readexactly(size)
-                    await c.reader.readexactly(2)
-                    yield status, data
-            elif "content-length" in headers:
-                yield status, await c.reader.readexactly(int(headers["content-length"]))
-            else:
-                yield status, await c.reader.read()
-            reusable = headers.get("connection", "").lower() != "close"
-        finally:
-            if reusable:
-                self._idle.append(c)
-            else:
-                c.writer.close()
-
-
-async def one_request(client: Client, model: str, req: Request) -> Outcome:
+async def one_request(client: Any, model: str, req: Request, url: str) -> Outcome:
     """Streaming completion, timed as vLLM's async_request_openai_completions does."""
     body = {"model": model, "prompt": req.prompt, "repetition_penalty": 1.0, "max_tokens": req.output_len,
             "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     out = Outcome(prompt_len=req.prompt_len or len(req.prompt))
-    buf = ""
     st = time.perf_counter()
     out.start = st
     last = st
     first = False
-    text = []
+    parser = _http.SSEParser()
     try:
-        async for status, data in client.stream_post("/v1/completions", body):
-            if status != 200:
-                text.append(data.decode("utf-8", "replace"))
-                continue
-            buf += data.decode("utf-8", "replace")
-            while "\n\n" in buf:
-                msg, buf = buf.split("\n\n", 1)
-                msg = msg.strip()
-                if not msg or msg.startswith(":"):
-                    continue
-                payload = msg.removeprefix("data:").strip()
-                if payload == "[DONE]":
+        async with client.stream("POST", url, json=body, headers={"Accept": "text/event-stream"}) as resp:
+            if resp.status_code != 200:
+                out.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode('utf-8', 'replace')[:300]}"
+                return out
+            async for line in resp.aiter_lines():
+                payload = parser.feed(line)
+                if payload is None or payload.strip() == "[DONE]":
                     continue
                 obj = json.loads(payload)
                 if obj.get("choices"):
@@ -373,39 +287,40 @@ async def one_request(client: Client, model: str, req: Request) -> Outcome:
                     out.output_tokens = int(obj["usage"].get("completion_tokens") or 0)
                     if obj["usage"].get("prompt_tokens") is not None:
                         out.prompt_len = int(obj["usage"]["prompt_tokens"])
-        if text:
-            out.error = "".join(text)[:300]
-        elif not first:
+        if not first:
             out.error = "no streamed token"
         else:
             out.success = True
             out.latency = last - st
-    except Exception as exc:  # connection reset, bad chunk, JSON: the request failed
+    except Exception as exc:  # connection reset, timeout, bad JSON: the request failed
         out.error = f"{type(exc).__name__}: {exc}"
     return out
 
 
 async def _run(base_url: str, model: str, requests: list[Request], concurrency: int | None,
                timeout: float) -> tuple[list[Outcome], float, Outcome]:
-    client = Client(base_url, timeout)
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"only http(s):// endpoints are supported, got {base_url!r}")
+    url = base_url.rstrip("/") + "/v1/completions"
+    client = _http.async_client(timeout)
     try:
-        test = await asyncio.wait_for(one_request(client, model, requests[0]), timeout)
+        test = await asyncio.wait_for(one_request(client, model, requests[0], url), timeout)
         if not test.success:
             return [], 0.0, test
         sem = asyncio.Semaphore(concurrency) if concurrency else None
 
         async def limited(r: Request) -> Outcome:
             if sem is None:
-                return await one_request(client, model, r)
+                return await one_request(client, model, r, url)
             async with sem:
-                return await one_request(client, model, r)
+                return await one_request(client, model, r, url)
 
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(limited(r)) for r in requests]
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout)
         return list(outcomes), time.perf_counter() - t0, test
     finally:
-        await client.close()
+        await client.aclose()
 
 
 def run(base_url: str, model: str, profile: Profile, timeout: float = 3600.0) -> dict[str, Any]:

@@ -24,13 +24,14 @@ import re
 import shlex
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flagops import http as _http
+from flagops.http import iter_sse  # noqa: F401 - the one SSE parser, re-exported for the checks
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 TRUTHY = ("1", "true", "yes", "on")
@@ -94,30 +95,15 @@ class Context:
 # --------------------------------------------------------------------------- HTTP
 
 
-@dataclass
-class HttpResponse:
-    status: int  # 0: no answer (connection refused, timeout); the reason is in text
-    text: str
-    seconds: float
-
-    def json(self) -> Any:
-        return json.loads(self.text)
+HttpResponse = _http.Response
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> HttpResponse:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return HttpResponse(r.status, r.read().decode("utf-8", "replace"), time.perf_counter() - t0)
-    except urllib.error.HTTPError as exc:
-        return HttpResponse(exc.code, exc.read().decode("utf-8", "replace")[:2000], time.perf_counter() - t0)
-    except (urllib.error.URLError, OSError) as exc:
-        return HttpResponse(0, str(getattr(exc, "reason", exc)), time.perf_counter() - t0)
+    """One API request through :mod:`flagops.http` (status 0 and the reason when no answer)."""
+    r = _http.request(method, url, body, timeout=timeout)
+    if not r.ok and r.status:
+        r.text = r.text[:2000]
+    return r
 
 
 def _answer(r: HttpResponse) -> str:
@@ -158,26 +144,6 @@ def metric_values(samples: Iterable[tuple[str, dict[str, str], float]], names: I
         if name in want and (model is None or labels.get("model_name", model) == model):
             want[name] = (want[name] or 0.0) + value
     return want
-
-
-def iter_sse(lines: Iterable[str]) -> Iterator[str]:
-    """The ``data`` payload of each server-sent event (multi-line data joined by \\n;
-    comments and other fields ignored; a final event without a blank line still counts)."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        if line.startswith(":"):
-            continue
-        fieldname, _, value = line.partition(":")
-        if fieldname == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
 
 
 def check_chat_stream_events(events: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -274,8 +240,10 @@ def check_models(ctx: Context) -> list[CheckResult]:
 def _openai_client(ctx: Context) -> Any:
     import openai
 
+    # The SDK on flagops' one httpx client: same transport, pool and (per request) timeout.
     return openai.OpenAI(base_url=ctx.base_url + "/v1", api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                         max_retries=0, timeout=ctx.options.http_timeout)
+                         max_retries=0, timeout=_http.timeout_of(ctx.options.http_timeout),
+                         http_client=_http.client())
 
 
 CHAT_MESSAGES = [{"role": "user", "content": "Say hello to flagops."}]

@@ -151,11 +151,14 @@ def verify(inventory: str | None, release: str | None, only: str | None, skip: s
     ctx = checks.Context(cfg, base_url, service.served_model(cfg), None, opts)
     ctx.endpoint_overridden = endpoint is not None
 
+    from flagops import api
+
     if record_reference:
         from flagops.verify import output
 
         try:
-            doc = output.record(ctx, record_reference)
+            with api.reach(cfg, ctx):  # behind a jump host: through the port forward
+                doc = output.record(ctx, record_reference)
         except output.OutputError as exc:
             click.echo(f"cannot record a reference: {exc}", err=True)
             sys.exit(1)
@@ -166,14 +169,16 @@ def verify(inventory: str | None, release: str | None, only: str | None, skip: s
             click.echo(f"{record_reference}: {len(doc['outputs'])} prompts, {n} greedy tokens from {base_url}")
         return
 
-    from flagops import api
-
-    doc, results = api.run_checks(cfg, ctx, names)
-    if bench:
+    def with_bench(doc: dict[str, Any], results: list[Any]) -> None:
+        """The benchmark while the connections (and a port forward) are still open."""
+        if not bench:
+            return
         doc["bench"] = _bench(ctx, concurrency, num_prompts, input_len, output_len, range_ratio, save, base_doc,
                               max_regression)
         results.append(doc["bench"].pop("_result"))
         doc["checks"].append(results[-1].to_dict())
+
+    doc, results = api.run_checks(cfg, ctx, names, then=with_bench)
     doc["summary"] = checks.summarize(results)
     doc["ok"] = doc["summary"]["fail"] == 0
     doc["wall_s"] = round(time.perf_counter() - t_start, 2)

@@ -23,6 +23,7 @@ from flagops.lab.paths import LabPaths
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "lab: needs the local lab (`flagops lab up`)")
     config.addinivalue_line("markers", "slow: minutes, not seconds (full serving proofs)")
+    config.addinivalue_line("markers", "bastion: the lab in bastion mode (nodes only through a jump host)")
 
 
 @dataclass(frozen=True)
