@@ -26,88 +26,31 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flagops import http as _http
 from flagops.http import iter_sse  # noqa: F401 - the one SSE parser, re-exported for the checks
 
+# The result types and the request helper live in flagops.verify.results (output.py uses
+# them too); re-exported, because every check and its tests speak of checks.<name>.
+from flagops.verify.results import (  # noqa: F401
+    CheckResult,
+    Context,
+    HttpResponse,
+    Options,
+    _answer,
+    failed,
+    http,
+    passed,
+    skipped,
+)
+
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 TRUTHY = ("1", "true", "yes", "on")
 FLAGGEMS_OPLOG = "/tmp/gems_oplist.log.txt"  # FlagScale's patched gpu_model_runner writes here
 METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: str  # pass | fail | skip
-    reason: str
-    values: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def passed(name: str, reason: str, **values: Any) -> CheckResult:
-    return CheckResult(name, "pass", reason, values)
-
-
-def failed(name: str, reason: str, **values: Any) -> CheckResult:
-    return CheckResult(name, "fail", reason, values)
-
-
-def skipped(name: str, reason: str, **values: Any) -> CheckResult:
-    return CheckResult(name, "skip", reason, values)
-
-
-@dataclass
-class Options:
-    reference: str | None = None  # a reference file (output.consistency)
-    reference_endpoint: str | None = None  # or a second endpoint (native stack)
-    min_agreement: float = 100.0  # percent of reference tokens that must match
-    http_timeout: float = 30.0
-    probe_timeout: float = 120.0
-
-
-@dataclass
-class Context:
-    """What the checks need: the resolved config (None for a bare endpoint), the API
-    base URL, the served model name and the SSH fan-out to the nodes."""
-
-    cfg: Any
-    base_url: str
-    model: str
-    nodes: Any = None
-    options: Options = field(default_factory=Options)
-    endpoint_overridden: bool = False  # --endpoint: the API is not the inventory's service
-
-    @property
-    def release(self) -> dict[str, Any]:
-        return self.cfg.release if self.cfg is not None else {}
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-HttpResponse = _http.Response
-
-
-def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> HttpResponse:
-    """One API request through :mod:`flagops.http` (status 0 and the reason when no answer)."""
-    r = _http.request(method, url, body, timeout=timeout)
-    if not r.ok and r.status:
-        r.text = r.text[:2000]
-    return r
-
-
-def _answer(r: HttpResponse) -> str:
-    return f"HTTP {r.status}: {r.text.strip()[:200]}" if r.status else f"no answer ({r.text})"
 
 
 # --------------------------------------------------------------------------- parsers

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flagops.verify.checks import CheckResult, Context, _answer, failed, http, passed, skipped
+from flagops.verify.results import CheckResult, Context, _answer, failed, http, passed, skipped
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 FORMAT = 1

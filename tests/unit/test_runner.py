@@ -132,16 +132,16 @@ def test_runs_rotate(tmp_path: Path, local_inventory: Path, monkeypatch: pytest.
                      flagops_home: Path) -> None:
     """ansible-runner names (ident) and rotates the artifact dirs; runs in the same second
     never collide."""
-    monkeypatch.setattr(runner, "KEEP_RUNS", 2)
+    monkeypatch.setattr(runner, "KEEP_RUNS", 1)
     pb = tmp_path / "tiny.yml"
     pb.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n")
     monkeypatch.setattr(runner.time, "strftime", lambda fmt: "20261202-120000")  # one second
     dirs = []
-    for _ in range(3):
+    for _ in range(2):
         result = runner.run_playbook(str(pb), local_inventory, {}, json_out=True)
         assert result.ok, result.failures
         dirs.append(result.artifact_dir)
-    assert len({d.name for d in dirs}) == 3
+    assert len({d.name for d in dirs}) == 2
     remaining = sorted(p.name for p in (flagops_home / "runs" / "artifacts").iterdir())
     assert remaining == sorted(d.name for d in dirs[1:])
 

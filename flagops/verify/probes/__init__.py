@@ -17,15 +17,3 @@ Probes:
     ops_consistency.py flag_gems vs native torch per op, FlagGems' tolerances, timing
     nccl_allreduce.py  torch.distributed all-reduce bus bandwidth, intra/inter node
 """
-
-import os
-
-PROBE_DIR = os.path.dirname(os.path.abspath(__file__))
-PROBES = ("gpu_info", "flaggems_env", "ops_consistency", "nccl_allreduce")
-
-
-def probe_path(name):
-    """Absolute path of the probe script ``name`` (without .py) on this host."""
-    if name not in PROBES:
-        raise KeyError(name)
-    return os.path.join(PROBE_DIR, name + ".py")
