@@ -169,16 +169,66 @@ OLD_ENABLE = """\
     """
 
 
-def test_flaggems_env_fails_without_forward_only(tmp_path):
+FLAGSCALE_080_RUNNER = """\
+    import os
+    if os.environ.get("USE_FLAGGEMS", "0").lower() in ("1", "true", "yes"):
+        try:
+            import flag_gems
+            flag_gems.enable(record=True, unused=["exponential_", "softmax"],
+                             path="/tmp/gems_oplist.log.txt", forward_only=True)
+        except Exception:
+            print("Failed to enable 'flag_gems'. Falling back")
+    """
+FLAGSCALE_MAIN_RUNNER = FLAGSCALE_080_RUNNER.replace(", forward_only=True", "")
+
+
+def fake_vllm(env, root, runner_src):
+    """A vllm package whose worker makes FlagScale's flag_gems.enable call."""
+    site = Path(env["PYTHONPATH"])
+    worker = site / "vllm" / "v1" / "worker"
+    worker.mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text("")
+    (worker / "gpu_model_runner.py").write_text(textwrap.dedent(runner_src))
+    return str(worker / "gpu_model_runner.py")
+
+
+def test_flaggems_env_fails_when_the_workers_call_passes_forward_only(tmp_path):
     env = fake_packages(tmp_path, NEW_ENABLE)
+    runner = fake_vllm(env, tmp_path, FLAGSCALE_080_RUNNER)
     env["USE_FLAGGEMS"] = "1"
     doc = run_probe("flaggems_env", "--no-oplog", "--expect-version", "5.0.2", env=env)
     assert doc["status"] == "fail"
     sig = items(doc, "enable_signature")[0]
     assert sig["status"] == "fail"
     assert "forward_only" in sig["reason"] and "native torch" in sig["reason"]
+    assert sig["values"]["caller"] == runner + ":5"
     assert doc["values"] == {"flag_gems_version": "5.0.2", "forward_only": False}
     assert items(doc, "version")[0]["status"] == "pass"
+
+
+def test_flaggems_env_passes_flaggems_5_when_the_worker_does_not_pass_forward_only(tmp_path):
+    """flag_gems 5.0.2 with FlagScale's current patch (no forward_only): a pass."""
+    env = fake_packages(tmp_path, NEW_ENABLE)
+    runner = fake_vllm(env, tmp_path, FLAGSCALE_MAIN_RUNNER)
+    doc = run_probe("flaggems_env", "--no-oplog", env=dict(env, USE_FLAGGEMS="1"))
+    sig = items(doc, "enable_signature")[0]
+    assert sig["status"] == "pass", sig["reason"]
+    assert sig["values"]["caller"] == runner + ":5" and "forward_only" not in sig["values"]["caller_keywords"]
+    assert doc["status"] == "pass"
+
+
+def test_flaggems_env_without_a_vllm_binds_the_base_call(tmp_path):
+    """A bare GPU host (no vLLM): enable(record, unused, path) is bound; the reason says
+    that forward_only is missing and what that means for a FlagScale 0.8.0 worker."""
+    env = fake_packages(tmp_path, NEW_ENABLE)
+    doc = run_probe("flaggems_env", "--no-oplog", env=dict(env, USE_FLAGGEMS="1"))
+    sig = items(doc, "enable_signature")[0]
+    assert sig["status"] == "pass" and sig["values"]["caller"] is None
+    assert "no forward_only" in sig["reason"] and "FlagScale 0.8.0" in sig["reason"]
+    assert doc["values"]["forward_only"] is False
+    broken = fake_packages(tmp_path / "b", NEW_ENABLE.replace("record=False, ", ""))
+    doc = run_probe("flaggems_env", "--no-oplog", env=dict(broken, USE_FLAGGEMS="1"))
+    assert items(doc, "enable_signature")[0]["status"] == "fail"
 
 
 def test_flaggems_env_passes_with_forward_only_env_and_oplog(tmp_path):
@@ -297,7 +347,8 @@ def test_ops_consistency_times_out_a_slow_case_and_carries_on(tmp_path):
     out = tmp_path / "ops.json"
     t0 = time.monotonic()
     doc = run_probe("ops_consistency", "--fake-cases", "ok,sleep:60,ok,crash,ok,raise,ok,ok",
-                    "--gpus", "0,1", "--case-timeout", "2", "--out", str(out), timeout=60)
+                    "--gpus", "0,1", "--workers-per-gpu", "1", "--case-timeout", "2", "--out", str(out),
+                    timeout=60)
     wall = time.monotonic() - t0
     assert wall < 30, wall  # the 60 s case was cut at 2 s, not waited for
     by = {i["name"]: i for i in doc["items"]}
@@ -321,11 +372,21 @@ def test_ops_consistency_times_out_a_slow_case_and_carries_on(tmp_path):
 
 def test_ops_consistency_budget_reports_unrun_cases():
     doc = run_probe("ops_consistency", "--fake-cases", "ok,sleep:30,ok,ok", "--gpus", "0",
-                    "--budget-s", "1.5", "--case-timeout", "100", timeout=60)
+                    "--workers-per-gpu", "1", "--budget-s", "1.5", "--case-timeout", "100", timeout=60)
     st = [(i["name"], i["status"]) for i in doc["items"]]
     assert st == [("fake[ok#0]", "pass"), ("fake[sleep:30#1]", "timeout"),
                   ("fake[ok#2]", "skip"), ("fake[ok#3]", "skip")]
     assert "budget of 1.5 s" in doc["items"][2]["reason"]
+
+
+def test_ops_consistency_two_workers_share_one_gpu_by_default():
+    """Fewer than 4 GPUs: two workers per GPU (a cold run is CPU-bound compiling)."""
+    doc = run_probe("ops_consistency", "--fake-cases", "sleep:1,sleep:1,sleep:1,sleep:1", "--gpus", "7",
+                    timeout=60)
+    assert doc["values"]["workers"] == 2 and doc["values"]["workers_per_gpu"] == 2
+    assert doc["status"] == "pass" and doc["values"]["wall_s"] < 3.9  # 4 x 1 s on two workers
+    eight = run_probe("ops_consistency", "--fake-cases", "ok", "--gpus", "0,1,2,3,4,5,6,7", timeout=60)
+    assert eight["values"]["workers"] == 8
 
 
 def test_ops_consistency_runs_from_python_c_like_verify():

@@ -898,12 +898,13 @@ def install_compile_counter():
         from triton.runtime.cache import FileCacheManager
     except Exception:  # noqa: BLE001
         return None
-    box = [0]
+    box = [0, []]
     orig = FileCacheManager.put_group
 
-    def put_group(self, *a, **k):
+    def put_group(self, filename, *a, **k):
         box[0] += 1
-        return orig(self, *a, **k)
+        box[1].append(str(filename).rsplit(".", 1)[0])
+        return orig(self, filename, *a, **k)
     FileCacheManager.put_group = put_group
     return box
 
@@ -987,6 +988,8 @@ def worker_main(args):
         case = cases.get(name)
         t0 = time.time()
         c0 = counter[0] if counter else None
+        if counter:
+            del counter[1][:]
         try:
             if case is None:
                 status, reason, vals = "fail", f"probe harness error: unknown case {name!r}", {}
@@ -999,6 +1002,9 @@ def worker_main(args):
             status, reason, vals = "fail", f"probe harness error: {err}", {"error_where": where}
         if counter is not None:
             vals["compiled_kernels"] = counter[0] - c0
+            if counter[1]:
+                names = sorted(set(counter[1]))
+                vals["compiled_names"] = names[:8] + (["... %d more" % (len(names) - 8)] if len(names) > 8 else [])
         vals["worker_s"] = round(time.time() - t0, 2)
         send({"name": name, "status": status, "reason": reason, "values": vals})
 
@@ -1065,6 +1071,26 @@ class Worker:
         return "exit code %d" % rc
 
 
+def list_gpus(spec):
+    """CUDA_VISIBLE_DEVICES entries, one per worker: --gpus, else the inherited
+    CUDA_VISIBLE_DEVICES, else nvidia-smi's indices; ["-"] (one worker, environment as
+    inherited, torch decides) when none of those answers."""
+    if spec:
+        return [g.strip() for g in spec.split(",") if g.strip()]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()] or ["-"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        idx = [ln.strip() for ln in out.stdout.splitlines() if ln.strip().isdigit()]
+        if out.returncode == 0 and idx:
+            return idx
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return ["-"]
+
+
 def kernel_cache_info():
     tdir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
     fdir = os.environ.get("FLAGGEMS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".flaggems")
@@ -1114,9 +1140,9 @@ def coordinate(args, cases, slots, script, worker_argv, env_for, values, on_item
             vals.setdefault("gpu", w.gpu)
         results[name] = {"name": name, "status": status, "reason": reason, "values": vals}
         done = len(results)
-        log("[%*d/%d] %-6s %-58s %-7s %6.1fs %s" % (
-            len(str(len(cases))), done, len(cases), "gpu" + str(w.gpu) if w else "-", name[:58],
-            status, vals.get("case_s", 0.0), reason[:100]))
+        log("t+%5.1fs [%*d/%d] %-6s %-58s %-7s %6.1fs %s" % (
+            time.time() - t_start, len(str(len(cases))), done, len(cases), "gpu" + str(w.gpu) if w else "-",
+            name[:58], status, vals.get("case_s", 0.0), reason[:100]))
         on_item(results)
 
     for slot in slots:
@@ -1229,7 +1255,9 @@ def parse_args(argv):
     ap.add_argument("--gpus", default=None,
                     help="comma list of CUDA_VISIBLE_DEVICES entries, one worker each "
                          "(default: every GPU torch sees)")
-    ap.add_argument("--workers-per-gpu", type=int, default=1)
+    ap.add_argument("--workers-per-gpu", type=int, default=0,
+                    help="worker processes per GPU (0: 2 on nodes with fewer than 4 GPUs, else 1; a cold "
+                         "run is CPU-bound Triton compiling, so two processes halve it on one GPU)")
     ap.add_argument("--case-timeout", type=float, default=150.0,
                     help="seconds one case may take before it is reported timeout")
     ap.add_argument("--budget-s", type=float, default=540.0,
@@ -1321,28 +1349,22 @@ def _main(args, argv, real_out):
     if not cases:
         return emit("skip", "no case selected", values)
 
+    # The coordinator never imports torch (seconds saved before the first worker starts):
+    # the workers import it and say in their hello whether CUDA and flag_gems work.
     if args.fake_cases is not None:
         gpus = (args.gpus or "-").split(",")
     else:
-        global torch
+        import importlib.util
         try:
-            import torch as _torch
-            torch = _torch
-        except Exception as exc:  # noqa: BLE001
+            found = importlib.util.find_spec("torch") is not None
+        except (ImportError, ValueError) as exc:
             return emit("skip", f"torch not importable: {type(exc).__name__}: {exc}", values)
-        values["torch"] = torch.__version__
-        if args.self_test:
-            gpus = ["cpu"]
-        elif not torch.cuda.is_available():
-            return emit("skip", "no CUDA GPU visible to torch", values)
-        elif args.gpus:
-            gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-        elif os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-            gpus = [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-        else:
-            gpus = [str(i) for i in range(torch.cuda.device_count())]
-    slots = {"%s.%d" % (g, j): g for g in gpus for j in range(max(1, args.workers_per_gpu))}
-    values.update(gpus=gpus, workers=len(slots), case_timeout_s=args.case_timeout)
+        if not found:
+            return emit("skip", "torch not importable: ModuleNotFoundError: No module named 'torch'", values)
+        gpus = ["cpu"] if args.self_test else list_gpus(args.gpus)
+    wpg = args.workers_per_gpu or (2 if len(gpus) < 4 and gpus not in (["cpu"], ["-"]) else 1)
+    slots = {"%s.%d" % (g, j): g for g in gpus for j in range(max(1, wpg))}
+    values.update(gpus=gpus, workers=len(slots), workers_per_gpu=wpg, case_timeout_s=args.case_timeout)
     cache = kernel_cache_info()
     values["kernel_cache"] = cache
 
@@ -1353,9 +1375,8 @@ def _main(args, argv, real_out):
     def env_for(gpu):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        env["CUDA_VISIBLE_DEVICES"] = "" if gpu == "cpu" else gpu
-        if gpu == "-":
-            env.pop("CUDA_VISIBLE_DEVICES")
+        if gpu != "-":  # "-": the inherited environment decides
+            env["CUDA_VISIBLE_DEVICES"] = "" if gpu == "cpu" else gpu
         return env
 
     def on_item(results):
