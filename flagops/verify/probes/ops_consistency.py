@@ -1003,8 +1003,7 @@ def worker_main(args):
         if counter is not None:
             vals["compiled_kernels"] = counter[0] - c0
             if counter[1]:
-                names = sorted(set(counter[1]))
-                vals["compiled_names"] = names[:8] + (["... %d more" % (len(names) - 8)] if len(names) > 8 else [])
+                vals["compiled_names"] = sorted(set(counter[1]))  # kernel names: a handful per case
         vals["worker_s"] = round(time.time() - t0, 2)
         send({"name": name, "status": status, "reason": reason, "values": vals})
 
@@ -1103,6 +1102,44 @@ def cache_entries(path):
         return sum(1 for e in os.scandir(path) if e.is_dir())
     except OSError:
         return 0
+
+
+def cached_kernel_names(path, limit=20000):
+    """Names of the kernels the Triton cache holds (``<entry>/<kernel>.json``)."""
+    names = set()
+    try:
+        entries = [e.path for e in os.scandir(path) if e.is_dir()]
+    except OSError:
+        return names
+    for entry in entries[:limit]:
+        with contextlib.suppress(OSError):
+            names.update(f[:-5] for f in os.listdir(entry) if f.endswith(".json") and not f.startswith("__grp__"))
+    return names
+
+
+def cache_state(cache, items, known_before):
+    """cold: the cache was empty; warm: nothing compiled, or only kernels the cache already
+    held under another key (FlagGems 5.0.2's radix sort gets a new key in every process);
+    partial: new kernels compiled into a cache that had entries."""
+    compiled = [i["values"].get("compiled_kernels") for i in items
+                if isinstance(i["values"].get("compiled_kernels"), int)]
+    cache["compiled_kernels"] = sum(compiled) if compiled else None
+    names = sorted({n for i in items for n in i["values"].get("compiled_names") or []})
+    rebuilt = [n for n in names if n in known_before]
+    cache["compiled_names"] = names[:40]
+    if cache["compiled_kernels"] is None:
+        cache["state"] = "unknown"
+    elif cache["compiled_kernels"] == 0:
+        cache["state"] = "warm"
+    elif cache["entries_before"] == 0:
+        cache["state"] = "cold"
+    elif len(rebuilt) == len(names):
+        cache["state"] = "warm"
+        cache["rebuilt_every_process"] = rebuilt
+    else:
+        cache["state"] = "partial"
+        cache["new_kernels"] = [n for n in names if n not in known_before][:40]
+    return cache
 
 
 def coordinate(args, cases, slots, script, worker_argv, env_for, values, on_item, log):
@@ -1367,6 +1404,7 @@ def _main(args, argv, real_out):
     values.update(gpus=gpus, workers=len(slots), workers_per_gpu=wpg, case_timeout_s=args.case_timeout)
     cache = kernel_cache_info()
     values["kernel_cache"] = cache
+    known_before = cached_kernel_names(cache["triton_cache_dir"]) if cache["entries_before"] else set()
 
     script, tmp_script = own_source()
     if script is None:
@@ -1393,18 +1431,8 @@ def _main(args, argv, real_out):
     worker_values = values.pop("worker", {}) or {}
     for k, v in worker_values.items():
         values.setdefault(k, v)
-    compiled = [i["values"].get("compiled_kernels") for i in items
-                if isinstance(i["values"].get("compiled_kernels"), int)]
     cache["entries_after"] = cache_entries(cache["triton_cache_dir"])
-    cache["compiled_kernels"] = sum(compiled) if compiled else None
-    if cache["compiled_kernels"] is None:
-        cache["state"] = "unknown"
-    elif cache["compiled_kernels"] == 0:
-        cache["state"] = "warm"
-    elif cache["entries_before"] == 0:
-        cache["state"] = "cold"
-    else:
-        cache["state"] = "partial"
+    cache_state(cache, items, known_before)
     values["wall_s"] = round(time.time() - t_start, 1)
     fatal = values.pop("fatal", None)
     if fatal:
@@ -1429,7 +1457,10 @@ def finish(items, values, emit):
         counts["pass"], counts["fail"], counts["timeout"], counts["skip"], values.get("wall_s", 0))
     kc = values.get("kernel_cache") or {}
     if kc.get("state") not in (None, "unknown"):
-        summary += "; kernel cache {} ({} kernels compiled)".format(kc["state"], kc.get("compiled_kernels"))
+        summary += "; kernel cache {} ({} kernels compiled{})".format(
+            kc["state"], kc.get("compiled_kernels"),
+            ", all rebuilt in every process: " + ", ".join(kc["rebuilt_every_process"])
+            if kc.get("rebuilt_every_process") else "")
     if values.get("interrupted"):
         return emit("fail", summary + "; interrupted ({}) before all cases ran".format(values["interrupted"]),
                     values, items)
