@@ -139,10 +139,10 @@ def main() -> int:
            "ops": table}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print("%-52s %9s %12s %9s %10s" % ("op (first call, s)", "cold", "shared_warm", "warm", "steady ms"))
+    print(f"{'op (first call, s)':52s} {'cold':>9s} {'shared_warm':>12s} {'warm':>9s} {'steady ms':>10s}")
     for r in table:
-        print("%-52s %9.3f %12.3f %9.3f %10.3f" % (r["op"][:52], r["cold_first_s"], r["shared_warm_first_s"],
-                                                  r["warm_first_s"], r["steady_ms"]))
+        print(f"{r['op'][:52]:52s} {r['cold_first_s']:9.3f} {r['shared_warm_first_s']:12.3f} "
+              f"{r['warm_first_s']:9.3f} {r['steady_ms']:10.3f}")
     for s in STATES:
         t = doc["totals"][s]
         print(f"{s:12s} first calls {t['first_calls_s']:7.2f} s  import+enable {t['import_enable_s']:5.2f} s  "
