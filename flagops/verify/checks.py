@@ -516,11 +516,27 @@ def _probe_result(name: str, doc: dict[str, Any], host: str) -> CheckResult:
     return CheckResult(name, doc.get("status", "fail"), f"{host}: {doc.get('reason', '')}", vals)
 
 
+def ops_result(doc: dict[str, Any], host: str) -> CheckResult:
+    """gpu.ops from the ops_consistency probe, saying whether the kernel cache was warm:
+    cold (empty: every kernel compiled), warm (nothing the cache could serve was
+    compiled) or partial; a case over its time limit shows as ``timeout`` in the items."""
+    res = _probe_result("gpu.ops", doc, host)
+    kc = (doc.get("values") or {}).get("kernel_cache") or {}
+    if kc:
+        res.values["kernel_cache"] = {k: kc.get(k) for k in (
+            "state", "key", "triton_cache_dir", "flaggems_cache_dir", "entries_before", "entries_after",
+            "compiled_kernels", "rebuilt_every_process", "new_kernels") if kc.get(k) is not None}
+        if kc.get("state") and "kernel cache" not in res.reason:
+            res.reason += f"; kernel cache {kc['state']} ({kc.get('compiled_kernels')} kernels compiled)"
+    return res
+
+
 def check_gpu(ctx: Context) -> list[CheckResult]:
     cfg = ctx.cfg
     if cfg.slot_type == "cpu":
-        why = "the nodes declare no GPUs (flagops_slot_type: cpu)"
-        return [skipped(n, why, slot_type=cfg.slot_type) for n in GPU_CHECKS]
+        why = "the nodes declare no GPUs (flagops_slot_type: cpu): GPU probes skipped for lack of GPUs"
+        return [skipped(n, why + ("; the kernel cache is mounted but not exercised" if n == "gpu.ops" else ""),
+                        slot_type=cfg.slot_type) for n in GPU_CHECKS]
     master = cfg.master
     out: list[CheckResult] = []
     # gpu.info on every node; count must equal the node's slots, driver >= minimums.driver.
@@ -555,8 +571,10 @@ def check_gpu(ctx: Context) -> list[CheckResult]:
     # NCCL and op consistency on the master's GPUs, one after the other (they share them).
     nccl = run_probe(ctx, "nccl_allreduce", ["--nproc", str(master.slots)], [master.name], timeout=360)
     out.append(_probe_result("gpu.nccl", nccl[master.name], master.name))
+    # default case set (the release model's ops), one worker per GPU; the probe stops
+    # handing out cases at 540 s (--budget-s) so its document always arrives
     ops = run_probe(ctx, "ops_consistency", [], [master.name], timeout=600)
-    out.append(_probe_result("gpu.ops", ops[master.name], master.name))
+    out.append(ops_result(ops[master.name], master.name))
     return out
 
 

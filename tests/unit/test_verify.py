@@ -586,3 +586,25 @@ def test_cli_bench_save_and_baseline(server: tuple[str, Behaviour], tmp_path: Pa
     assert r.exit_code == 1
     b = json.loads(r.output)["checks"][-1]
     assert b["status"] == "fail" and "output_throughput" in b["reason"]
+
+
+def test_gpu_ops_reports_the_kernel_cache_state() -> None:
+    doc = {"probe": "ops_consistency", "status": "fail", "reason": "14 pass, 0 fail, 1 timeout, 0 skip in 70 s",
+           "values": {"kernel_cache": {"state": "cold", "key": "nvidia-h200_fg-5.0.2_triton-3.6.0",
+                                       "triton_cache_dir": "/flagops/triton-cache", "compiled_kernels": 213,
+                                       "entries_before": 0, "entries_after": 240}},
+           "items": [{"name": "topk[float32,top-k-vocab-256x103424-k50]", "status": "timeout",
+                      "reason": "timeout: still running after 150.2 s (limit 150 s)", "values": {}}]}
+    r = checks.ops_result(doc, "node1")
+    assert r.status == "fail" and r.reason.endswith("kernel cache cold (213 kernels compiled)")
+    assert r.values["kernel_cache"]["key"] == "nvidia-h200_fg-5.0.2_triton-3.6.0"
+    assert r.values["items"][0]["status"] == "timeout"
+    warm = checks.ops_result({**doc, "status": "pass", "reason": "15 pass; kernel cache warm (0 kernels compiled)",
+                              "values": {"kernel_cache": {"state": "warm", "compiled_kernels": 0}}}, "node1")
+    assert warm.reason.count("kernel cache") == 1 and warm.values["kernel_cache"]["state"] == "warm"
+
+
+def test_gpu_ops_skip_on_cpu_nodes_says_the_cache_is_not_exercised(cfg: config.Config) -> None:
+    results = {r.name: r for r in checks.check_gpu(checks.Context(cfg, "http://unused", MODEL, FakeNodes(cfg, {})))}
+    assert "skipped for lack of GPUs" in results["gpu.ops"].reason
+    assert "kernel cache" in results["gpu.ops"].reason and "kernel cache" not in results["gpu.info"].reason

@@ -8,13 +8,17 @@ Items (each pass/fail/skip with a reason):
   import          ``import flag_gems`` works (its version is reported).
   version         equals --expect-version (skip when not given).
   enable_signature
-                  ``inspect.signature(flag_gems.enable)`` binds the exact call
-                  FlagScale's patched vLLM makes:
-                  enable(record=True, unused=["exponential_", "softmax"],
-                         path="/tmp/gems_oplist.log.txt", forward_only=True).
-                  A FlagGems without ``forward_only`` raises TypeError there, the
-                  worker logs "Falling back" and the service silently runs on
-                  native torch: that is a FAIL.
+                  ``inspect.signature(flag_gems.enable)`` binds the call the
+                  installed vLLM really makes: its worker's source
+                  (vllm/v1/worker/gpu_model_runner.py, or --caller PATH) is parsed
+                  and the keywords of its ``flag_gems.enable(...)`` call are bound.
+                  FlagScale 0.8.0's patch passes ``forward_only=True``, which only
+                  FlagGems 2.2 (release_v1.0.0) accepts; with a newer FlagGems that
+                  call raises TypeError, the worker logs "Falling back" and the
+                  service silently runs on native torch: that is a FAIL. Where no
+                  such caller is installed (a bare GPU host), the call FlagScale's
+                  current patch makes (record, unused, path) is bound, and the
+                  result says whether forward_only would be accepted too.
   env_process     USE_FLAGGEMS is 1/true/yes in this process's environment.
   env_raylet      ... and in /proc/<pid>/environ of the raylet (Ray workers
                   inherit the raylet's environment); ``auto`` finds the raylet.
@@ -34,12 +38,13 @@ import sys
 import traceback
 
 PROBE = "flaggems_env"
-VLLM_ENABLE_KWARGS = {
+# FlagScale's patched gpu_model_runner: 0.8.0 passes forward_only=True too.
+BASE_ENABLE_KWARGS = {
     "record": True,
     "unused": ["exponential_", "softmax"],
     "path": "/tmp/gems_oplist.log.txt",
-    "forward_only": True,
 }
+CALLER_FILES = ("v1/worker/gpu_model_runner.py", "worker/model_runner.py", "v1/worker/gpu_worker.py")
 DEFAULT_OPLOG = "/tmp/gems_oplist.log.txt"
 TRUTHY = ("1", "true", "yes")
 
@@ -105,7 +110,46 @@ def check_import():
                  file=getattr(flag_gems, "__file__", None)), flag_gems, None)
 
 
-def check_signature(fg):
+def find_enable_calls(path):
+    """[(line, [keyword names], positional count)] of ``<...gems...>.enable(...)`` calls."""
+    import ast
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            tree = ast.parse(fh.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return []
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "enable":
+            owner = ast.unparse(node.func.value) if hasattr(ast, "unparse") else ""
+            if "gems" in owner.lower():
+                calls.append((node.lineno, [k.arg for k in node.keywords if k.arg], len(node.args)))
+    return calls
+
+
+def find_caller(spec):
+    """(path, line, kwargs names, nargs) of the vLLM worker's flag_gems.enable call, or None."""
+    if spec == "none":
+        return None
+    paths = []
+    if spec and spec != "auto":
+        paths = [spec]
+    else:
+        import importlib.util
+        try:
+            found = importlib.util.find_spec("vllm")
+        except (ImportError, ValueError):
+            found = None
+        roots = list(found.submodule_search_locations or []) if found else []
+        paths = [os.path.join(r, f) for r in roots for f in CALLER_FILES]
+    for path in paths:
+        if os.path.isfile(path):
+            for line, kws, nargs in find_enable_calls(path):
+                return path, line, kws, nargs
+    return None
+
+
+def check_signature(fg, caller_spec="auto"):
     enable = getattr(fg, "enable", None)
     if enable is None:
         return item("enable_signature", "fail", "flag_gems has no enable()")
@@ -114,19 +158,35 @@ def check_signature(fg):
     except (TypeError, ValueError) as exc:
         return item("enable_signature", "fail", f"cannot inspect flag_gems.enable: {exc}")
     params = list(sig.parameters)
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    forward_only = "forward_only" in sig.parameters or takes_kwargs
+    caller = find_caller(caller_spec)
+    if caller is not None:
+        path, line, kws, nargs = caller
+        where = f"{path}:{line}"
+        try:
+            sig.bind(*([None] * nargs), **{k: None for k in kws})
+        except TypeError as exc:
+            return item(
+                "enable_signature", "fail",
+                f"flag_gems.enable{sig} rejects the call at {where} ({exc}): the worker "
+                "falls back to native torch silently",
+                signature=str(sig), parameters=params, forward_only=forward_only, caller=where,
+                caller_keywords=kws)
+        return item("enable_signature", "pass", f"flag_gems.enable takes the call at {where} "
+                    f"({', '.join(kws) or 'no keywords'})", signature=str(sig), parameters=params,
+                    forward_only=forward_only, caller=where, caller_keywords=kws)
     try:
-        sig.bind(**VLLM_ENABLE_KWARGS)
+        sig.bind(**BASE_ENABLE_KWARGS)
     except TypeError as exc:
-        return item(
-            "enable_signature", "fail",
-            f"flag_gems.enable{sig} rejects the patched vLLM's call ({exc}): the worker "
-            "falls back to native torch silently",
-            signature=str(sig), parameters=params, forward_only=False)
-    explicit = "forward_only" in sig.parameters
-    return item(
-        "enable_signature", "pass",
-        "flag_gems.enable accepts forward_only%s" % ("" if explicit else " (via **kwargs)"),
-        signature=str(sig), parameters=params, forward_only=True)
+        return item("enable_signature", "fail",
+                    f"flag_gems.enable{sig} rejects enable(record=, unused=, path=) ({exc})",
+                    signature=str(sig), parameters=params, forward_only=forward_only, caller=None)
+    note = "accepts forward_only too" if forward_only else \
+        "has no forward_only: a FlagScale 0.8.0 worker, which passes it, would fall back to native torch"
+    return item("enable_signature", "pass",
+                f"no vLLM worker source found here; flag_gems.enable takes record/unused/path and {note}",
+                signature=str(sig), parameters=params, forward_only=forward_only, caller=None)
 
 
 def main(argv=None):
@@ -135,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--raylet-pid", default=None, help="pid or 'auto'")
     ap.add_argument("--oplog", default=DEFAULT_OPLOG)
     ap.add_argument("--no-oplog", action="store_true", help="do not check the op-list log")
+    ap.add_argument("--caller", default="auto",
+                    help="the vLLM source whose flag_gems.enable(...) call is bound: auto (the "
+                         "installed vllm's worker), none, or a path")
     args = ap.parse_args(argv)
 
     items = []
@@ -155,7 +218,7 @@ def main(argv=None):
     if fg is None:
         items.append(item("enable_signature", "skip", "flag_gems not imported"))
     else:
-        items.append(check_signature(fg))
+        items.append(check_signature(fg, args.caller))
 
     val = os.environ.get("USE_FLAGGEMS")
     items.append(item("env_process", "pass" if env_truthy(val) else "fail",
@@ -209,7 +272,7 @@ def main(argv=None):
         status = "fail"
         reason = "; ".join(i["reason"] for i in items if i["status"] == "fail")
     else:
-        status, reason = "pass", f"flag_gems {version} importable, enable() takes forward_only, USE_FLAGGEMS set"
+        status, reason = "pass", f"flag_gems {version} importable, enable() takes the worker's call, USE_FLAGGEMS set"
     doc = {"probe": PROBE, "status": status, "reason": reason, "values": values, "items": items}
     sys.stdout.write(json.dumps(doc, sort_keys=True, default=str) + "\n")
     return 0
