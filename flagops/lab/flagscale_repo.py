@@ -183,6 +183,10 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress, vllm_commit
             git_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(bare, ignore_errors=True)
             _git("init", "--quiet", "--bare", f"--initial-branch={BRANCH}", str(bare))
+        previous = _head_of(bare)
+        if previous and previous != sha:
+            # an older recipe's commit stays clonable (inventories that still pin it keep working)
+            _git("tag", "--force", f"lab-{previous[:12]}", previous, cwd=bare)
         _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", f"HEAD:refs/tags/{TAG}", cwd=work)
     _git("symbolic-ref", "HEAD", f"refs/heads/{BRANCH}", cwd=bare)
     (bare / "git-daemon-export-ok").touch()

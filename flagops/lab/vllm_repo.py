@@ -5,7 +5,11 @@ The flag-scale 0.8.0 wheel carries FlagScale's vLLM changes as 27 ``git apply`` 
 to the v0.9.1-era commit the 230dc1d8 pin records as its gitlink), so the lab's submodule is
 vLLM 0.11.0: the sdist ``vllm-0.11.0.tar.gz`` (sha256 pinned below, fetched from PyPI's JSON API,
 cached under ``<lab>/cache/vllm/``, resumed with Range and hash-checked) becomes one deterministic
-commit in ``<git_root>/vllm.git`` on ``main`` and as the tag ``v0.11.0``. Everything in the sdist
+commit in ``<git_root>/vllm.git`` on ``main``, on ``master`` and as the tag ``v0.11.0``. (``master``:
+GitPython's ``Submodule.update``, which unpatch.py calls, tracks ``master`` unless .gitmodules names a
+branch; without it the clone's HEAD already equals the gitlink and GitPython leaves the work tree
+empty. GitHub's vLLM has no ``master`` either, but there HEAD is newer than the gitlink, so GitPython
+resets to it.) Everything in the sdist
 is committed (``git add --force``: the sdist's own .gitignore names vllm/_version.py) except the
 sdist's build metadata, ``PKG-INFO`` and ``vllm.egg-info/``.
 
@@ -38,7 +42,7 @@ UPSTREAM = "https://github.com/vllm-project/vllm.git"
 REPO_NAME = "vllm.git"
 BRANCH = "main"
 TAG = f"v{VERSION}"
-RECIPE_VERSION = 1  # bump when the tree or the commit below changes
+RECIPE_VERSION = 2  # bump when the tree or the commit below changes
 DROP = ("PKG-INFO", "vllm.egg-info")  # sdist build metadata, not sources
 
 
@@ -162,7 +166,7 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress) -> str:
             git_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(bare, ignore_errors=True)
             _git("init", "--quiet", "--bare", f"--initial-branch={BRANCH}", str(bare))
-        _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", f"HEAD:refs/tags/{TAG}", cwd=work)
+        _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", "HEAD:refs/heads/master", f"HEAD:refs/tags/{TAG}", cwd=work)
     _git("symbolic-ref", "HEAD", f"refs/heads/{BRANCH}", cwd=bare)
     # a submodule update fetches the gitlink's sha itself: let the daemon serve any reachable one
     _git("config", "uploadpack.allowReachableSHA1InWant", "true", cwd=bare)
