@@ -97,7 +97,9 @@ def fetch_sdist(cache_dir: Path, progress: Progress, url: str | None = None) -> 
                         last = now
                         rate = (done - have) / max(now - started, 1e-6)
                         eta = (total - done) / rate if rate and total else 0
-                        progress(f"vLLM sdist: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, ETA {eta:.0f} s")
+                        progress(
+                            f"vLLM sdist: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, ETA {eta:.0f} s"
+                        )
     except (urllib.error.URLError, OSError) as exc:
         raise LabError(f"download of {url} failed ({exc}); re-run to resume from {part}") from None
     found = _sha256(part)
@@ -166,7 +168,8 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress) -> str:
             git_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(bare, ignore_errors=True)
             _git("init", "--quiet", "--bare", f"--initial-branch={BRANCH}", str(bare))
-        _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", "HEAD:refs/heads/master", f"HEAD:refs/tags/{TAG}", cwd=work)
+        refs = [f"HEAD:refs/heads/{BRANCH}", "HEAD:refs/heads/master", f"HEAD:refs/tags/{TAG}"]
+        _git("push", "--quiet", "--force", str(bare), *refs, cwd=work)
     _git("symbolic-ref", "HEAD", f"refs/heads/{BRANCH}", cwd=bare)
     # a submodule update fetches the gitlink's sha itself: let the daemon serve any reachable one
     _git("config", "uploadpack.allowReachableSHA1InWant", "true", cwd=bare)

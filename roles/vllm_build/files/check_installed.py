@@ -71,7 +71,9 @@ for root, dirs, files in os.walk(pkg):
 
 in_pkg = {n for n in named if n.startswith("vllm/")}
 not_built = sorted(
-    n for n in in_pkg & differs if os.path.exists(os.path.join(sub, n)) and blob(os.path.join(sub, n)) != blob(os.path.join(pkg, n[5:]))
+    n
+    for n in in_pkg & differs
+    if os.path.exists(os.path.join(sub, n)) and blob(os.path.join(sub, n)) != blob(os.path.join(pkg, n[5:]))
 )
 
 from vllm.model_executor.models.registry import ModelRegistry  # noqa: E402
