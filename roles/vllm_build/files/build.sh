@@ -42,6 +42,8 @@ if ! VLLM_TARGET_DEVICE=$target SETUPTOOLS_SCM_PRETEND_VERSION=$version MAX_JOBS
   exit 4
 fi
 t2=$(now)
+# the pristine tree (the gitlink's commit), for the install proof on every node
+git ls-tree -r HEAD vllm/ >"$tmp/pristine.ls-tree" || { rm -rf "$tmp"; echo "FLAGOPS_LOG=$log"; echo "git ls-tree of third_party/vllm failed"; exit 4; }
 count=$(ls "$tmp"/vllm-*.whl 2>/dev/null | wc -l)
 if [ "$count" != 1 ]; then rm -rf "$tmp"; echo "FLAGOPS_LOG=$log"; echo "pip wheel left $count vllm wheels"; exit 4; fi
 mv "$tmp" "$dest"

@@ -1,14 +1,14 @@
 """vllm_build's proof, run by the Python that serves with the built vLLM (stdin of `python -`).
 
-Args: <FlagScale checkout> <pinned version>. Prints one JSON object:
+Args: <FlagScale checkout> <the key's wheel directory> <pinned version>. Prints one JSON object:
   version      the installed vllm distribution's version (base must equal the pin)
   archs        FlagScale's registry additions (the '+    "Arch": (' lines of its registry patch)
                that the installed ModelRegistry lacks (must be empty)
   unexplained  installed files of the vllm package that differ from the pristine submodule
                commit (or are new) although no patch names them (must be empty)
   unapplied    files the patches name that the installed package has as pristine (must be empty)
-  not_built    patched files whose installed bytes differ from the unpatched+patched tree
-The pristine commit is third_party/vllm's HEAD in the checkout (its objects are on shared storage).
+The pristine tree is third_party/vllm's HEAD when the wheel was built (``pristine.ls-tree`` beside
+the wheel, written by build.sh), so the proof does not depend on the checkout's later state.
 """
 
 import hashlib
@@ -16,11 +16,9 @@ import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import sys
 
-src, pin = sys.argv[1], sys.argv[2]
-sub = os.path.join(src, "third_party", "vllm")
+src, wheel_dir, pin = sys.argv[1:4]
 patches = os.path.join(src, "flagscale", "backends", "vllm")
 
 named, added = set(), []
@@ -45,15 +43,14 @@ def blob(path):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-tree = subprocess.run(
-    ["git", "-C", sub, "ls-tree", "-r", "HEAD", "vllm/"], check=True, capture_output=True, text=True
-).stdout
+with open(os.path.join(wheel_dir, "pristine.ls-tree"), encoding="utf-8") as handle:
+    tree = handle.read()
 pristine = {}
 for line in tree.splitlines():
     meta, path = line.split("\t", 1)
     pristine[path] = meta.split()[2]
 
-import vllm  # noqa: E402 - after the git read: an import failure should not hide the tree
+import vllm  # noqa: E402 - after reading the tree: an import failure should not hide it
 
 pkg = os.path.dirname(vllm.__file__)
 differs = set()
@@ -70,11 +67,6 @@ for root, dirs, files in os.walk(pkg):
             differs.add(rel)
 
 in_pkg = {n for n in named if n.startswith("vllm/")}
-not_built = sorted(
-    n
-    for n in in_pkg & differs
-    if os.path.exists(os.path.join(sub, n)) and blob(os.path.join(sub, n)) != blob(os.path.join(pkg, n[5:]))
-)
 
 from vllm.model_executor.models.registry import ModelRegistry  # noqa: E402
 
@@ -91,7 +83,6 @@ print(
             "patched_files": len(in_pkg),
             "unexplained": sorted(differs - in_pkg),
             "unapplied": sorted(in_pkg - differs),
-            "not_built": not_built,
         },
         sort_keys=True,
     )
