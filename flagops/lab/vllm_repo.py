@@ -3,7 +3,7 @@
 The flag-scale 0.8.0 wheel carries FlagScale's vLLM changes as 27 ``git apply`` patches
 (``flagscale/backends/vllm/**.patch``). They apply cleanly to the **vLLM 0.11.0** sdist (and not
 to the v0.9.1-era commit the 230dc1d8 pin records as its gitlink), so the lab's submodule is
-vLLM 0.11.0: the sdist ``vllm-0.11.0.tar.gz`` (sha256 pinned below, fetched from PyPI's JSON API,
+vLLM 0.11.0: the sdist ``vllm-0.11.0.tar.gz`` (sha256 pinned below, found in PyPI's simple index (JSON),
 cached under ``<lab>/cache/vllm/``, resumed with Range and hash-checked) becomes one deterministic
 commit in ``<git_root>/vllm.git`` on ``main``, on ``master`` and as the tag ``v0.11.0``. (``master``:
 GitPython's ``Submodule.update``, which unpatch.py calls, tracks ``master`` unless .gitmodules names a
@@ -37,7 +37,7 @@ from flagops.lab.flagscale_repo import _git, _head_of
 VERSION = "0.11.0"
 SDIST = f"vllm-{VERSION}.tar.gz"
 SDIST_SHA256 = "f435a64c24e9c4178d657a76f8edd8548ddc444012f7d06a9f79ac3a6392bfae"
-PYPI_JSON = f"https://pypi.org/pypi/vllm/{VERSION}/json"
+PYPI_SIMPLE = "https://pypi.org/simple/vllm/"  # PEP 691 JSON form of the simple index
 UPSTREAM = "https://github.com/vllm-project/vllm.git"
 REPO_NAME = "vllm.git"
 BRANCH = "main"
@@ -55,20 +55,21 @@ def _sha256(path: Path) -> str:
 
 
 def _sdist_url() -> str:
-    """The sdist's download URL from PyPI's JSON API (checked against the pinned sha256)."""
+    """The sdist's download URL from PyPI's simple index (checked against the pinned sha256)."""
+    request = urllib.request.Request(PYPI_SIMPLE, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
-        with urllib.request.urlopen(PYPI_JSON, timeout=60) as resp:
+        with urllib.request.urlopen(request, timeout=60) as resp:
             data = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise LabError(
-            f"cannot read {PYPI_JSON} ({exc}); put {SDIST} (sha256 {SDIST_SHA256}) into the lab cache's vllm/ folder"
+            f"cannot read {PYPI_SIMPLE} ({exc}); put {SDIST} (sha256 {SDIST_SHA256}) into the lab cache's vllm/ folder"
         ) from None
-    for item in data.get("urls", []):
+    for item in data.get("files", []):
         if item.get("filename") == SDIST:
-            if item.get("digests", {}).get("sha256") != SDIST_SHA256:
-                raise LabError(f"PyPI lists {SDIST} with sha256 {item.get('digests')}, expected {SDIST_SHA256}")
+            if item.get("hashes", {}).get("sha256") != SDIST_SHA256:
+                raise LabError(f"PyPI lists {SDIST} with sha256 {item.get('hashes')}, expected {SDIST_SHA256}")
             return item["url"]
-    raise LabError(f"PyPI's {PYPI_JSON} lists no {SDIST}")
+    raise LabError(f"PyPI's {PYPI_SIMPLE} lists no {SDIST}")
 
 
 def fetch_sdist(cache_dir: Path, progress: Progress, url: str | None = None) -> Path:
