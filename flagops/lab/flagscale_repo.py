@@ -9,8 +9,9 @@ flagscale_source role comments that line out exactly as it must on the real chec
 
 The commit is deterministic: fixed author, committer and dates, file modes from the wheel, and no
 user/system git configuration, so the same wheel always gives the same sha (what the lab
-release pins). The bare repository ``<git_root>/FlagScale.git`` gets it on ``main`` and as the tag
-``v0.8.0``.
+release pins). The bare repository ``<git_root>/FlagScale.git`` gets it on ``main`` and, when the
+repository has no such tag yet, as the tag ``v0.8.0`` (tags never move; an older recipe's commit
+stays reachable as the tag ``lab-<sha12>``).
 
 As upstream, ``third_party/vllm`` is a submodule: a ``.gitmodules`` entry (URL: the lab git
 daemon's ``vllm.git``, see ``flagops.lab.vllm_repo``) and a gitlink to that repository's commit, so
@@ -187,7 +188,12 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress, vllm_commit
         if previous and previous != sha:
             # an older recipe's commit stays clonable (inventories that still pin it keep working)
             _git("tag", "--force", f"lab-{previous[:12]}", previous, cwd=bare)
-        _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", f"HEAD:refs/tags/{TAG}", cwd=work)
+        refs = [f"HEAD:refs/heads/{BRANCH}"]
+        if not _has_ref(bare, f"refs/tags/{TAG}"):
+            # a tag never moves: clones that fetched it would refuse the fetch ("would clobber
+            # existing tag"); a lab made before a recipe change keeps v0.8.0 where it was
+            refs.append(f"HEAD:refs/tags/{TAG}")
+        _git("push", "--quiet", "--force", str(bare), *refs, cwd=work)
     _git("symbolic-ref", "HEAD", f"refs/heads/{BRANCH}", cwd=bare)
     (bare / "git-daemon-export-ok").touch()
     _git("gc", "--quiet", "--prune=now", cwd=bare)
@@ -195,6 +201,14 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress, vllm_commit
     stamp.write_text(f"{key} {sha}\n")
     progress(f"FlagScale repo {bare}: {BRANCH} at {sha[:12]}")
     return sha
+
+
+def _has_ref(bare: Path, ref: str) -> bool:
+    try:
+        _git("rev-parse", "--verify", "--quiet", ref, cwd=bare)
+    except LabError:
+        return False
+    return True
 
 
 def _head_of(bare: Path) -> str | None:
