@@ -47,8 +47,8 @@ def one_node_inventory() -> str:
 
     inv = yaml.safe_load(Path(INV).read_text())
     del inv["all"]["children"]["workers"]
-    specific = inv["all"]["vars"]["flagops_release_overrides"]["serve"]["engine_args_specific"]
-    specific["vllm"]["pipeline_parallel_size"] = 1
+    vllm_args = inv["all"]["vars"]["flagops_release_overrides"]["serve"]["engine_args_specific"]["vllm"]
+    vllm_args["pipeline_parallel_size"] = 1
     path = OUT / "lab-one-node.yaml"
     path.write_text(yaml.safe_dump(inv))
     return str(path)
