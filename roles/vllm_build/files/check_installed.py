@@ -26,6 +26,9 @@ named, added = set(), []
 for root, _, files in os.walk(patches):
     for name in sorted(files):
         if not name.endswith(".patch"):
+            # older FlagScale (e.g. 230dc1d8) overlays whole files instead of patching them
+            if name != "deleted_files.txt" and "__pycache__" not in root:
+                named.add(os.path.relpath(os.path.join(root, name), patches).replace(os.sep, "/"))
             continue
         with open(os.path.join(root, name), encoding="utf-8", errors="replace") as handle:
             for line in handle:
