@@ -1,5 +1,6 @@
 """Provision on the lab, measured: first run on fresh nodes, second run (changed count),
-1-node vs 2-node wall time on fresh nodes, and the `--check --diff` output on fresh nodes.
+1-node vs 2-node wall time on fresh nodes, the `--check --diff` output on fresh nodes, and per
+node the vLLM unpatch+build time (master) and install time (`vllm` in the result).
 
 "Fresh" means new lab nodes with empty docker data and an empty /share (the lab's
 images, registry and caches are kept). Writes bench/results/provision.json and
@@ -75,6 +76,31 @@ def slowest_tasks(out: str, top: int = 10) -> list[dict]:
     return [{"task": name, "s": round(s, 2)} for name, s in ranked]
 
 
+VLLM_TASKS = {
+    "unpatch_build_s": "vLLM | unpatch and build the wheel once (master container)",
+    "install_s": "vLLM | install the shared wheel (all nodes at once)",
+    "proof_s": "vLLM | the installed vLLM is the pinned, patched build",
+}
+
+
+def vllm_times(out: str) -> dict[str, dict[str, float | None]]:
+    """Per node: FlagScale's unpatch + the wheel build (master only), the install, the proof.
+
+    From the --json event stream: each host's own ``duration`` of that task; None where the
+    task did not run on that host (a key already built or installed)."""
+    ran: dict[str, dict[str, float | None]] = {}
+    for line in out.splitlines():
+        ev = json.loads(line)
+        host = ev.get("host")
+        if not host or ev.get("event") not in ("runner_on_ok", "runner_on_failed"):
+            continue
+        for key, task in VLLM_TASKS.items():
+            ran.setdefault(host, dict.fromkeys(VLLM_TASKS))
+            if ev.get("task") == task and ev.get("duration") is not None:
+                ran[host][key] = round(float(ev["duration"]), 2)
+    return ran
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     fresh_nodes()
@@ -93,6 +119,7 @@ def main() -> None:
         "two_node_s": round(t_first, 2),
         "two_over_one_ratio": round(t_first / t_one, 3),
         "check_diff_output": "bench/results/provision-check-diff.txt",
+        "vllm": {"first": vllm_times(out_first), "second": vllm_times(out_second)},
         "slowest_tasks": {"first": slowest_tasks(out_first), "second": slowest_tasks(out_second),
                           "one_node": slowest_tasks(out_one)},
     }

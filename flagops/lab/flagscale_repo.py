@@ -9,8 +9,13 @@ flagscale_source role comments that line out exactly as it must on the real chec
 
 The commit is deterministic: fixed author, committer and dates, file modes from the wheel, and no
 user/system git configuration, so the same wheel always gives the same sha (what the lab
-release pins). The bare repository ``<git_root>/FlagScale.git`` gets it on ``main`` and as the tag
-``v0.8.0``.
+release pins). The bare repository ``<git_root>/FlagScale.git`` gets it on ``main`` and, when the
+repository has no such tag yet, as the tag ``v0.8.0`` (tags never move; an older recipe's commit
+stays reachable as the tag ``lab-<sha12>``).
+
+As upstream, ``third_party/vllm`` is a submodule: a ``.gitmodules`` entry (URL: the lab git
+daemon's ``vllm.git``, see ``flagops.lab.vllm_repo``) and a gitlink to that repository's commit, so
+FlagScale's own ``tools/patch/unpatch.py --backend=vllm`` clones it and applies its patches.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ VERSION = "0.8.0"
 REPO_NAME = "FlagScale.git"
 BRANCH = "main"
 TAG = f"v{VERSION}"
-RECIPE_VERSION = 1  # bump when the tree or the commit below changes
+RECIPE_VERSION = 2  # bump when the tree or the commit below changes
 DROP_TOP = ("third_party",)  # top-level directories of the wheel's flag_scale/ left out
 # the line numbers matter: the flagscale_source role comments out line 3
 PYPROJECT = """\
@@ -40,6 +45,12 @@ build-backend = "custom_build_backend.flagscale_build_backend"
 # Added by flagops' lab: the flag-scale 0.8.0 wheel on PyPI carries no pyproject.toml. Line 3
 # is upstream FlagScale's; that backend is not in the tree, so `pip install .` needs line 3
 # commented out (setuptools then runs setup.py) and --no-build-isolation, as on a real checkout.
+"""
+SUBMODULE_PATH = "third_party/vllm"
+GITMODULES = """\
+[submodule "third_party/vllm"]
+\tpath = third_party/vllm
+\turl = {url}
 """
 IDENTITY = {
     "GIT_AUTHOR_NAME": "flagops lab",
@@ -117,33 +128,48 @@ def unpack_tree(wheel: Path, dest: Path) -> int:
     return count + 1
 
 
-def build_commit(wheel: Path, work: Path) -> str:
+def vllm_url() -> str:
+    from flagops.lab.services import GATEWAY
+    from flagops.lab.vllm_repo import REPO_NAME as VLLM_REPO
+
+    return f"git://{GATEWAY}/{VLLM_REPO}"
+
+
+def build_commit(wheel: Path, work: Path, vllm_commit: str) -> str:
     """A one-commit repository of the tree in ``work``; returns the (deterministic) sha."""
     files = unpack_tree(wheel, work)
+    (work / ".gitmodules").write_text(GITMODULES.format(url=vllm_url()))
     _git("init", "--quiet", f"--initial-branch={BRANCH}", cwd=work)
     _git("add", "--all", cwd=work)
+    _git("update-index", "--add", "--cacheinfo", f"160000,{vllm_commit},{SUBMODULE_PATH}", cwd=work)
     message = (
         f"FlagScale {VERSION} sources (flag-scale {VERSION} from PyPI)\n\n"
         f"The flag_scale/ tree of {wheel.name} (sha256 {_wheel_sha256()}), {files} files,\n"
         f"without {', '.join(DROP_TOP)}/ and byte-code, plus a pyproject.toml whose line 3 is\n"
-        "upstream's build-backend line. Made by flagops for its lab.\n"
+        "upstream's build-backend line, and the submodule third_party/vllm\n"
+        f"({vllm_url()} at {vllm_commit}). Made by flagops for its lab.\n"
     )
     _git("commit", "--quiet", "--no-gpg-sign", "--no-verify", "-m", message, cwd=work)
     return _git("rev-parse", "HEAD", cwd=work)
 
 
-def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress) -> str:
+def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress, vllm_commit: str | None = None) -> str:
     """Create or refresh the bare repo ``<git_root>/FlagScale.git``; returns the commit sha.
 
     Args:
         git_root: the git server's base path (the repository is ``FlagScale.git`` in it).
         cache_dir: where the flag-scale wheel is found (``wheelhouse/``) or downloaded.
         progress: receives one line per step.
+        vllm_commit: the ``third_party/vllm`` gitlink (default: make or find the lab's vllm.git).
     """
     git_root = Path(git_root)
+    if vllm_commit is None:
+        from flagops.lab import vllm_repo
+
+        vllm_commit = vllm_repo.ensure_repo(git_root, cache_dir, progress)
     bare = git_root / REPO_NAME
     stamp = cache_dir / "flagscale-repo.key"
-    key = f"{RECIPE_VERSION}:{_wheel_sha256()}"
+    key = f"{RECIPE_VERSION}:{_wheel_sha256()}:{vllm_commit}:{vllm_url()}"
     if stamp.is_file() and bare.is_dir():
         recorded_key, _, sha = stamp.read_text().strip().partition(" ")
         if recorded_key == key and _head_of(bare) == sha:
@@ -153,12 +179,21 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress) -> str:
     wheel = fetch_wheel(cache_dir, progress)
     with tempfile.TemporaryDirectory(prefix="flagscale-src-") as tmp:
         work = Path(tmp)
-        sha = build_commit(wheel, work)
+        sha = build_commit(wheel, work, vllm_commit)
         if not (bare / "HEAD").is_file():
             git_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(bare, ignore_errors=True)
             _git("init", "--quiet", "--bare", f"--initial-branch={BRANCH}", str(bare))
-        _git("push", "--quiet", "--force", str(bare), f"HEAD:refs/heads/{BRANCH}", f"HEAD:refs/tags/{TAG}", cwd=work)
+        previous = _head_of(bare)
+        if previous and previous != sha:
+            # an older recipe's commit stays clonable (inventories that still pin it keep working)
+            _git("tag", "--force", f"lab-{previous[:12]}", previous, cwd=bare)
+        refs = [f"HEAD:refs/heads/{BRANCH}"]
+        if not _has_ref(bare, f"refs/tags/{TAG}"):
+            # a tag never moves: clones that fetched it would refuse the fetch ("would clobber
+            # existing tag"); a lab made before a recipe change keeps v0.8.0 where it was
+            refs.append(f"HEAD:refs/tags/{TAG}")
+        _git("push", "--quiet", "--force", str(bare), *refs, cwd=work)
     _git("symbolic-ref", "HEAD", f"refs/heads/{BRANCH}", cwd=bare)
     (bare / "git-daemon-export-ok").touch()
     _git("gc", "--quiet", "--prune=now", cwd=bare)
@@ -166,6 +201,14 @@ def ensure_repo(git_root: Path, cache_dir: Path, progress: Progress) -> str:
     stamp.write_text(f"{key} {sha}\n")
     progress(f"FlagScale repo {bare}: {BRANCH} at {sha[:12]}")
     return sha
+
+
+def _has_ref(bare: Path, ref: str) -> bool:
+    try:
+        _git("rev-parse", "--verify", "--quiet", ref, cwd=bare)
+    except LabError:
+        return False
+    return True
 
 
 def _head_of(bare: Path) -> str | None:

@@ -83,6 +83,7 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, 
         from flagops.lab.flagos_image import ensure_image
         from flagops.lab.flagscale_repo import ensure_repo
         from flagops.lab.tiny_model import ensure_model
+        from flagops.lab.vllm_repo import ensure_repo as ensure_vllm_repo
     except ImportError as exc:
         raise LabError(f"this checkout lacks a lab builder ({exc.name}); cannot bring the lab up") from exc
 
@@ -101,7 +102,8 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, 
         local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
         digest = steps.run("push", lambda: push_image(client, local, progress))
         model = steps.run("model", lambda: ensure_model(client, local, paths.published, progress))
-        commit = steps.run("git_repo", lambda: ensure_repo(paths.git, paths.cache, progress))
+        vllm_commit = steps.run("vllm_repo", lambda: ensure_vllm_repo(paths.git, paths.cache, progress))
+        commit = steps.run("git_repo", lambda: ensure_repo(paths.git, paths.cache, progress, vllm_commit))
     facts = {
         "image": IMAGE_REF,
         "image_digest": digest,
@@ -109,6 +111,8 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, 
         "model_url": f"http://{services.GATEWAY}:{services.MODEL_PORT}/{Path(model).name}/",
         "flagscale_repo": f"git://{services.GATEWAY}/FlagScale.git",
         "flagscale_commit": commit,
+        "vllm_repo": f"git://{services.GATEWAY}/vllm.git",
+        "vllm_commit": vllm_commit,
         "node_image": node_image,
         "ssh_key": str(paths.ssh_key),
         "known_hosts": str(paths.known_hosts),
@@ -236,6 +240,8 @@ def status(paths: LabPaths) -> dict[str, Any]:
     report["model"] = {"up": manifest.is_file(), "path": str(manifest.parent)}
     repo = paths.git / "FlagScale.git"
     report["git_repo"] = {"up": repo.is_dir(), "path": str(repo)}
+    vllm_git = paths.git / "vllm.git"
+    report["vllm_repo"] = {"up": vllm_git.is_dir(), "path": str(vllm_git)}
     facts = paths.root / FACTS_FILE
     if facts.is_file():
         report["facts"] = json.loads(facts.read_text())
@@ -250,6 +256,7 @@ def _all_up(report: dict[str, Any]) -> bool:
         report["image"],
         report["model"],
         report["git_repo"],
+        report["vllm_repo"],
         *report.get("nodes", {}).values(),
         *report["services"].values(),
     ]
