@@ -77,9 +77,9 @@ def slowest_tasks(out: str, top: int = 10) -> list[dict]:
 
 
 VLLM_TASKS = {
-    "unpatch_build_s": "vLLM | unpatch and build the wheel once (master container)",
-    "install_s": "vLLM | install the shared wheel (all nodes at once)",
-    "proof_s": "vLLM | the installed vLLM is the pinned, patched build",
+    "unpatch_build_s": "The vLLM build | unpatch and build the wheel once (master container)",
+    "install_s": "The vLLM build | install the shared wheel (all nodes at once)",
+    "proof_s": "The vLLM build | the installed vLLM is the pinned, patched build",
 }
 
 
