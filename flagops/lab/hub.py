@@ -29,6 +29,7 @@ ignores Range, a connection cut mid-file). Stdlib only: the lab starts it as a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -419,10 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for hub in hubs[1:]:
         threading.Thread(target=hub.serve_forever, daemon=True).start()
     print(f"hub: {', '.join(h.url for h in hubs)} models {sorted(models)}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         hubs[0].serve_forever()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

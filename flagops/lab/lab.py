@@ -77,6 +77,7 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
         steps.run("network", lambda: nodes.ensure_network(client, progress))
         steps.run("services", lambda: services.ensure_services(paths, progress))
         steps.run("nodes", lambda: nodes.ensure_nodes(client, node_image, paths, progress))
+        steps.run("hub_trust", lambda: _trust_hub_ca(client, paths, progress))
         nodes.prune_node_images(client, keep=node_image)
         local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
         digest = steps.run("push", lambda: push_image(client, local, progress))
@@ -87,6 +88,9 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
         "image_digest": digest,
         "model": Path(model).name,
         "model_url": f"http://{services.GATEWAY}:{services.MODEL_PORT}/{Path(model).name}/",
+        "hub": f"{services.GATEWAY}:{services.HUB_PORT}",
+        "hub_model": "flagops-lab/" + Path(model).name,
+        "hub_token_file": str(paths.root / "hub" / "token"),
         "flagscale_repo": f"git://{services.GATEWAY}/FlagScale.git",
         "flagscale_commit": commit,
         "node_image": node_image,
@@ -96,6 +100,12 @@ def up(paths: LabPaths, progress: Progress) -> dict[str, Any]:
     (paths.root / FACTS_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     steps.report.update(facts, ok=True, seconds=round(time.monotonic() - started, 2))
     return steps.report
+
+
+def _trust_hub_ca(client: docker.DockerClient, paths: LabPaths, progress: Progress) -> None:
+    from flagops.lab import hub_lab
+
+    hub_lab.trust_ca(client, paths, [n.container for n in nodes.NODES], progress)
 
 
 def _registry_digest() -> str | None:

@@ -51,7 +51,7 @@ def args(hub: hubmod.Hub, ca: Path, dest: Path, **kw) -> dict:
 
 def data_requests(hub: hubmod.Hub) -> list[tuple[str, str | None, int]]:
     out = []
-    for method, path, rng, code in hub.log:
+    for _method, path, rng, code in hub.log:
         if "/repo?" in path:
             rel = path.split("FilePath=", 1)[1]
             out.append((rel.replace("%2F", "/"), rng, code))

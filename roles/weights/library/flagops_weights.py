@@ -19,6 +19,7 @@ driver to show.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -143,10 +144,8 @@ class Client:
 
     def close(self):
         for c in self.conns.values():
-            try:
+            with contextlib.suppress(Exception):
                 c.close()
-            except Exception:
-                pass
         self.conns.clear()
 
     def get(self, url, extra=None, method="GET", body=None):
@@ -175,7 +174,7 @@ class Client:
                 url = urllib.parse.urljoin(url, resp.getheader("Location"))
                 continue
             return resp
-        raise Failure("GET %s: too many redirects" % url)
+        raise Failure(f"GET {url}: too many redirects")
 
     def drop(self, url):
         u = urllib.parse.urlsplit(url)
@@ -189,7 +188,7 @@ def _status_failure(resp, what, url, hub_hint):
     if code in (401, 403):
         return Failure("%s: %s refused the credentials (HTTP %d); %s" % (what, urllib.parse.urlsplit(url).netloc, code, hub_hint))
     if code == 404:
-        return Failure("%s: not found on the source (HTTP 404 at %s)" % (what, url))
+        return Failure(f"{what}: not found on the source (HTTP 404 at {url})")
     return Failure("%s: HTTP %d %s at %s (not retried)" % (what, code, resp.reason, url))
 
 
@@ -429,7 +428,7 @@ class Downloader:
                 raise _status_failure(resp, "GET " + url, url, self.hub_hint)
             return json.loads(body)
         try:
-            return self.retrying("GET %s" % url, go)
+            return self.retrying(f"GET {url}", go)
         finally:
             cl.close()
 
@@ -448,7 +447,7 @@ class Downloader:
             cl.close()  # do not read a whole file the server sent instead of one byte
             return ok
         try:
-            return self.retrying("GET %s" % url, go)
+            return self.retrying(f"GET {url}", go)
         finally:
             cl.close()
 
@@ -471,10 +470,8 @@ class Downloader:
             t.join()
         for job in jobs:
             if not job.finished and getattr(job, "fd", None) is not None:
-                try:
+                with contextlib.suppress(OSError):
                     job.save(force=True)
-                except OSError:
-                    pass
             job.close()
         if self.error is not None:
             raise self.error
@@ -559,7 +556,7 @@ class Downloader:
                 raise
             if resp.length:  # the server sent more than this range: do not reuse the connection
                 cl.drop(job.f["url"])
-        self.retrying("download %s" % job.f["url"], go)
+        self.retrying("download {}".format(job.f["url"]), go)
 
     def note(self, text):
         with self.lock:
@@ -576,7 +573,7 @@ class Downloader:
         digest = job.h.hexdigest()
         if job.f["sha256"] and digest != job.f["sha256"]:
             if job.restarted:
-                raise Failure("%s: sha256 mismatch twice; the source may be corrupt" % job.f["url"])
+                raise Failure("{}: sha256 mismatch twice; the source may be corrupt".format(job.f["url"]))
             job.reset()
             with job.lock:
                 job.finished = False
@@ -586,10 +583,8 @@ class Downloader:
             return
         os.fsync(job.fd)
         os.replace(job.part, job.path)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(job.state)
-        except OSError:
-            pass
         job.close()
         progress.file_done()
 
@@ -617,7 +612,7 @@ def _modelscope_listing(src, token, tmpdir):
 
     api = HubApi()
     endpoint = api.endpoint
-    hint = "set MODELSCOPE_API_TOKEN (flagops_hub_token) to a valid ModelScope SDK token for %s" % endpoint
+    hint = f"set MODELSCOPE_API_TOKEN (flagops_hub_token) to a valid ModelScope SDK token for {endpoint}"
     try:
         if token:
             api.login(token)
@@ -630,13 +625,13 @@ def _modelscope_listing(src, token, tmpdir):
         if code in (401, 403):
             raise Failure("the hub %s refused the token (HTTP %d); %s" % (endpoint, code, hint)) from None
         if code == 404:
-            raise Failure("the hub %s has no model %s (HTTP 404)" % (endpoint, src["id"])) from None
-        raise Failure("the hub %s answered HTTP %s" % (endpoint, code)) from None  # never exc's text: it may hold the token
+            raise Failure("the hub {} has no model {} (HTTP 404)".format(endpoint, src["id"])) from None
+        raise Failure(f"the hub {endpoint} answered HTTP {code}") from None  # never exc's text: it may hold the token
     except requests.RequestException as exc:
-        raise Failure("cannot reach the hub %s: %s" % (endpoint, type(exc).__name__)) from None
+        raise Failure(f"cannot reach the hub {endpoint}: {type(exc).__name__}") from None
     except Exception as exc:  # the SDK's own errors (NotExistError, RequestError)
         text = str(exc).replace(token, "***") if token else str(exc)
-        raise Failure("the hub %s: %s" % (endpoint, text)) from None
+        raise Failure(f"the hub {endpoint}: {text}") from None
     out = []
     for f in listing:
         if f.get("Type") == "tree":
@@ -647,7 +642,7 @@ def _modelscope_listing(src, token, tmpdir):
 
 
 def _fail_msg_partial(exc):
-    return "weights: %s (partial data kept as .part, the next run resumes)" % exc
+    return f"weights: {exc} (partial data kept as .part, the next run resumes)"
 
 
 def main():
@@ -745,7 +740,7 @@ def main():
             if any(j.size for j in jobs):
                 dl.ranges_ok = dl.probe_ranges(next(j for j in jobs if j.size).f["url"])
         except Failure as exc:
-            module.fail_json(msg="weights: %s" % exc, **result)
+            module.fail_json(msg=f"weights: {exc}", **result)
         if not dl.ranges_ok:
             dl.note("the source ignores Range requests: files are fetched whole, partial files start over")
             for j in jobs:
@@ -761,7 +756,7 @@ def main():
             module.fail_json(msg="weights: disk full on %s while writing %s: %d more bytes needed; the partial file stays as .part and is resumed next run" % (dest, exc.part, exc.need), **_done(result, dl))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                module.fail_json(msg="weights: disk full on %s: %s; the partial files stay as .part and are resumed next run" % (dest, exc), **_done(result, dl))
+                module.fail_json(msg=f"weights: disk full on {dest}: {exc}; the partial files stay as .part and are resumed next run", **_done(result, dl))
             module.fail_json(msg=_fail_msg_partial(exc), **_done(result, dl))
         except Failure as exc:
             module.fail_json(msg=_fail_msg_partial(exc), **_done(result, dl))
