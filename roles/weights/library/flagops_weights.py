@@ -646,6 +646,7 @@ def _fail_msg_partial(exc):
 
 
 def main():
+    started = time.monotonic()
     module = AnsibleModule(
         argument_spec=dict(
             source=dict(type="dict", required=True),
@@ -794,6 +795,7 @@ def main():
                 json.dump(record, fh, indent=1, sort_keys=True)
             os.replace(tmp, marker_path)
     result["attempts"] = dl.attempts
+    result["job_seconds"] = round(time.monotonic() - started, 2)
     module.exit_json(**result)
 
 
