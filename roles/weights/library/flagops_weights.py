@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -256,10 +257,19 @@ class Progress:
 
 
 # ---------------------------------------------------------------- one file
-class FileJob:
-    """One file being fetched into ``<path>.part``, its ranges on disk and its running hash."""
+HEADER = 4096  # the state file: a JSON header padded to 4 KiB, then one u64 per cell
 
-    def __init__(self, f, dest, chunk, ranges_ok):
+
+class FileJob:
+    """One file being fetched into ``<path>.part``: its cells on disk and its running hash.
+
+    The file is a grid of cells of ``cell`` bytes; each cell is fetched by one request,
+    front to back. ``<path>.part.state`` holds, per cell, how many of its bytes are on
+    disk, updated (one 8-byte pwrite) after every data write, so after a SIGKILL the
+    next run knows exactly which bytes it has and asks only for the rest.
+    """
+
+    def __init__(self, f, dest, chunk, cell):
         self.f = f
         self.size = f["size"]
         self.path = os.path.join(dest, f["path"])
@@ -268,47 +278,73 @@ class FileJob:
         self.chunk = chunk
         self.lock = threading.Lock()
         self.pending = 0
-        self.failed = False
         self.finished = False
         self.restarted = False
-        self.last_save = 0.0
-        self.done = self._load(ranges_ok)
-        self.resumed_bytes = _covered(self.done)
+        self.fd = self.sfd = None
+        self.cell, self.counts = self._load(cell)
+        self.resumed_bytes = sum(self.counts)
 
-    def _load(self, ranges_ok):
-        if not ranges_ok or not os.path.exists(self.part):
-            return []
+    def _grid(self, cell):
+        cell = max(1, min(cell, self.size or 1))
+        return cell, [0] * max(1, -(-self.size // cell))
+
+    def _load(self, cell):
+        if not os.path.exists(self.part):
+            return self._grid(cell)
+        have = os.path.getsize(self.part)
         try:
-            with open(self.state) as fh:
-                st = json.load(fh)
-            if st.get("size") == self.size and st.get("sha256") == self.f["sha256"]:
-                have = os.path.getsize(self.part)
-                done = []
-                for a, b in st.get("done", []):
-                    _add(done, max(0, int(a)), min(int(b), self.size, have))
-                return done
-            return []  # the source changed: start over
-        except (OSError, ValueError, TypeError):
+            with open(self.state, "rb") as fh:
+                raw = fh.read()
+            head = json.loads(raw[:HEADER].split(b"\n", 1)[0])
+            if head.get("size") == self.size and head.get("sha256") == self.f["sha256"]:
+                c, counts = self._grid(int(head["cell"]))
+                body = raw[HEADER:HEADER + 8 * len(counts)]
+                for i in range(min(len(counts), len(body) // 8)):
+                    n = struct.unpack_from("<Q", body, 8 * i)[0]
+                    lo = i * c
+                    counts[i] = max(0, min(n, min(c, self.size - lo), have - lo))
+                return c, counts
+            return self._grid(cell)  # the source changed: start over
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
             pass
-        have = os.path.getsize(self.part)  # a sequential .part (no state): its bytes are a prefix
-        return [[0, have]] if 0 < have <= self.size else []
+        c, counts = self._grid(cell)  # a sequential .part (no state): its bytes are a prefix
+        if have <= self.size:
+            for i in range(len(counts)):
+                counts[i] = max(0, min(c, self.size - i * c, have - i * c))
+        return c, counts
+
+    def start_over(self, cell):
+        self.cell, self.counts = self._grid(cell)
+        self.resumed_bytes = 0
+
+    def _write_state(self):
+        head = json.dumps({"size": self.size, "sha256": self.f["sha256"], "cell": self.cell}).encode() + b"\n"
+        blob = head.ljust(HEADER, b" ") + b"".join(struct.pack("<Q", n) for n in self.counts)
+        tmp = self.state + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, self.state)
+        self.sfd = os.open(self.state, os.O_RDWR)
 
     def open(self):
-        """Open the .part, hash the prefix already on disk once; returns the ranges to fetch."""
+        """Open the .part, hash the prefix already on disk once; returns the (start, end) to fetch."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.save(force=True)
+        self._write_state()
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        if not self.done:
+        if not any(self.counts):
             os.ftruncate(self.fd, 0)
         self.h = hashlib.sha256()
         self.hash_pos = 0
         self.hashing = False
-        self.written = [list(x) for x in self.done]
-        self._catch_up(0, owner=True)
-        return _gaps(self.done, self.size)
+        self.written = []
+        for i, n in enumerate(self.counts):
+            _add(self.written, i * self.cell, i * self.cell + n)
+        self._catch_up(0)
+        return [(i * self.cell + n, min(self.size, (i + 1) * self.cell))
+                for i, n in enumerate(self.counts) if i * self.cell + n < min(self.size, (i + 1) * self.cell)]
 
-    def _catch_up(self, pos, owner):
-        """Hash from ``pos`` over every byte already on disk (called by the frontier's owner)."""
+    def _catch_up(self, pos):
+        """Hash from ``pos`` over every byte already on disk (by the frontier's owner)."""
         while True:
             with self.lock:
                 self.hash_pos = pos
@@ -318,39 +354,25 @@ class FileJob:
                     return
                 self.hashing = True
             while pos < end:
-                n = min(self.chunk, end - pos)
-                b = os.pread(self.fd, n, pos)
+                b = os.pread(self.fd, min(self.chunk, end - pos), pos)
                 if not b:
                     raise Failure("%s: short read at %d" % (self.part, pos))
                 self.h.update(b)
                 pos += len(b)
 
     def wrote(self, off, mv):
+        """``mv`` is on disk at ``off``: record it (state), hash it if it is at the frontier."""
         n = len(mv)
+        i = off // self.cell
+        self.counts[i] = off + n - i * self.cell
+        os.pwrite(self.sfd, struct.pack("<Q", self.counts[i]), HEADER + 8 * i)
         with self.lock:
             _add(self.written, off, off + n)
             if self.hashing or off != self.hash_pos:
                 return
             self.hashing = True
         self.h.update(mv)
-        self._catch_up(off + n, owner=True)
-
-    def mark(self, s, e):
-        with self.lock:
-            _add(self.done, s, e)
-        self.save()
-
-    def save(self, force=False):
-        now = time.monotonic()
-        if not force and now - self.last_save < 0.5:
-            return
-        self.last_save = now
-        with self.lock:
-            doc = {"size": self.size, "sha256": self.f["sha256"], "done": [list(x) for x in self.done]}
-        tmp = "%s.%d.tmp" % (self.state, threading.get_ident())
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, self.state)
+        self._catch_up(off + n)
 
     def complete(self):
         with self.lock:
@@ -359,18 +381,21 @@ class FileJob:
     def reset(self):
         """A bad download of ours: forget its bytes and fetch it whole once more."""
         with self.lock:
-            self.done, self.written = [], []
+            self.counts = [0] * len(self.counts)
+            self.written = []
             self.h = hashlib.sha256()
             self.hash_pos = 0
             self.restarted = True
         os.ftruncate(self.fd, 0)
-        self.save(force=True)
+        os.close(self.sfd)
+        self._write_state()
 
     def close(self):
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            os.close(fd)
-            self.fd = None
+        for name in ("fd", "sfd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 # ---------------------------------------------------------------- the pool
@@ -454,13 +479,9 @@ class Downloader:
     # ---- scheduling
     def run(self, jobs, progress):
         for job in jobs:
-            gaps = job.open()
-            pieces = []
-            for s, e in gaps:
-                step = self.part_bytes if self.ranges_ok else e - s
-                pieces += [(s, min(e, s + step)) for s in range(s, e, step)]
+            pieces = job.open()
             job.pending = len(pieces)
-            self.queue += [(job, s, e) for s, e in pieces]
+            self.queue += [(job, a, b) for a, b in pieces]
             if not pieces:
                 self.try_finish(job, progress)
         threads = [threading.Thread(target=self.worker, args=(progress,), daemon=True) for _ in range(self.workers)]
@@ -469,9 +490,6 @@ class Downloader:
         for t in threads:
             t.join()
         for job in jobs:
-            if not job.finished and getattr(job, "fd", None) is not None:
-                with contextlib.suppress(OSError):
-                    job.save(force=True)
             job.close()
         if self.error is not None:
             raise self.error
@@ -536,17 +554,21 @@ class Downloader:
                         cl.drop(job.f["url"])
                         raise Failure("stopped")
                     want = min(len(buf), e - pos[0])
-                    n = resp.readinto(mv[:want])
+                    n = 0
+                    while n < want:  # a full buffer per write: fewer syscalls and hash calls
+                        got = resp.readinto(mv[n:want])
+                        if not got:
+                            break
+                        n += got
                     if not n:
                         raise Retry("connection closed after %d of %d bytes" % (pos[0] - s, e - s))
                     try:
                         os.pwrite(job.fd, mv[:n], pos[0])
                     except OSError as exc:
                         if exc.errno == errno.ENOSPC:
-                            raise DiskFull(job.part, job.size - _covered(job.done)) from None
+                            raise DiskFull(job.part, job.size - sum(job.counts)) from None
                         raise
                     job.wrote(pos[0], mv[:n])
-                    job.mark(pos[0], pos[0] + n)
                     pos[0] += n
                     with self.lock:
                         self.fetched += n
@@ -719,7 +741,7 @@ def main():
         else:
             todo.append(dict(f, why="missing"))
 
-    jobs = [FileJob(f, dest, dl.chunk, True) for f in todo]
+    jobs = [FileJob(f, dest, dl.chunk, dl.part_bytes) for f in todo]
     need = sum(j.size - j.resumed_bytes for j in jobs)
     result["bytes_to_fetch"] = need
     result["files_total"] = len(files)
@@ -738,15 +760,15 @@ def main():
             module.fail_json(msg="weights: not enough space on %s: %d bytes free, %d bytes needed; free space or move flagops_share_root" % (dest, free, need), **result)
         t0 = time.monotonic()
         try:
-            if any(j.size for j in jobs):
-                dl.ranges_ok = dl.probe_ranges(next(j for j in jobs if j.size).f["url"])
+            split = [j for j in jobs if len(j.counts) > 1]
+            if split:  # bounded ranges ahead: does the server answer them?
+                dl.ranges_ok = dl.probe_ranges(split[0].f["url"])
         except Failure as exc:
             module.fail_json(msg=f"weights: {exc}", **result)
         if not dl.ranges_ok:
             dl.note("the source ignores Range requests: files are fetched whole, partial files start over")
             for j in jobs:
-                j.done = []
-                j.resumed_bytes = 0
+                j.start_over(j.size)
             result["bytes_to_fetch"] = need = sum(j.size for j in jobs)
         for j in jobs:
             (result["resumed"] if j.resumed_bytes else result["downloaded"]).append(j.f["path"])
