@@ -18,6 +18,7 @@ peak_rss_MiB, noop_s, model_bytes, ...); also written to bench/results/weights.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -110,10 +111,8 @@ def provision(inv: Path, env: dict) -> tuple[int, list[dict], float]:
     took = time.monotonic() - t0
     events = []
     for line in res.stdout.splitlines():
-        try:
+        with contextlib.suppress(ValueError):
             events.append(json.loads(line))
-        except ValueError:
-            pass
     return res.returncode, events, took
 
 
@@ -126,7 +125,7 @@ def job_seconds(since: float) -> float | None:
             try:
                 doc = json.loads(ev.read_text())
             except ValueError:
-                continue
+                doc = {}
             data = doc.get("event_data") or {}
             if doc.get("event") == "runner_on_ok" and str(data.get("task", "")).startswith("Weights | downloading"):
                 return (data.get("res") or {}).get("job_seconds")
@@ -154,10 +153,8 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.pid = json.loads(self.progress_host.read_text()).get("pid") or self.pid
-            except (OSError, ValueError):
-                pass
             if self.pid:
                 res = sh_node(f"grep VmHWM /proc/{self.pid}/status 2>/dev/null || true", check=False, timeout=10)
                 parts = res.stdout.split()
@@ -276,8 +273,8 @@ def main() -> int:
 
         # -------- modelscope download on node1 with the role's SDK venv
         venv = sh_node(f"ls -d {SHARE_NODE}/.flagops/tools/modelscope-* | head -1").stdout.strip()
-        ms_env = (f"MODELSCOPE_DOMAIN={GATEWAY}:{PORT} REQUESTS_CA_BUNDLE={CA_NODE} MODELSCOPE_CACHE=/tmp/ms-bench-cache "
-                  f"MODELSCOPE_CREDENTIALS_PATH=/tmp/ms-bench-cred")
+        ms_env = (f"MODELSCOPE_DOMAIN={GATEWAY}:{PORT} REQUESTS_CA_BUNDLE={CA_NODE} "
+                  "MODELSCOPE_CACHE=/tmp/ms-bench-cache MODELSCOPE_CREDENTIALS_PATH=/tmp/ms-bench-cred")
 
         def ms_round(workers: int | None, tag: str) -> float:
             dest = f"{SHARE_NODE}/models/bench-ms-{os.getpid()}-{tag}"

@@ -87,7 +87,8 @@ class Model:
         man = self.root / MANIFEST
         try:
             key = (man.stat().st_mtime_ns,) if man.is_file() else tuple(
-                (p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(self.root.rglob("*")) if p.is_file())
+                (p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(self.root.rglob("*")) if p.is_file())
         except OSError:
             return []
         with self.lock:

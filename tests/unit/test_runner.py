@@ -160,7 +160,8 @@ PROGRESS_PLAYBOOK = """\
     - name: its progress record
       ansible.builtin.copy:
         dest: "{progress}"
-        content: '{{"bytes_done": 1073741824, "bytes_total": 4294967296, "rate_Bps": 95000000, "eta_s": 33.9, "files_done": 2, "files_total": 10}}'
+        content: '{{"bytes_done": 1073741824, "bytes_total": 4294967296, "rate_Bps": 95000000,
+          "eta_s": 33.9, "files_done": 2, "files_total": 10}}'
     - name: downloading (bytes, rate, ETA)
       flagops_weights_status:
         jid: "{{{{ job.ansible_job_id }}}}"

@@ -37,7 +37,8 @@ def model(tmp_path: Path) -> tuple[Path, list[dict]]:
 
 
 def serve(ca: Path, root: Path, **kw) -> RunningHub:
-    return RunningHub({MODEL: root}, tokens={TOKEN}, context=hubmod.server_context(ca / "hub.crt", ca / "hub.key"), **kw)
+    ctx = hubmod.server_context(ca / "hub.crt", ca / "hub.key")
+    return RunningHub({MODEL: root}, tokens={TOKEN}, context=ctx, **kw)
 
 
 def args(hub: hubmod.Hub, ca: Path, dest: Path, **kw) -> dict:
