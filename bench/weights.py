@@ -49,6 +49,21 @@ SHARE_NODE = "/share"
 CA_NODE = "/etc/ssl/certs/ca-certificates.crt"
 
 
+@contextlib.contextmanager
+def lab_lock(what: str):
+    """The shared lab lock, held for one phase (a few minutes), as every lab user does."""
+    import fcntl
+
+    log(f"waiting for {LOCK} ({what})")
+    with open(LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        log(f"holding {LOCK} ({what})")
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -106,8 +121,8 @@ def inventory(tmp: Path, name: str, size: int) -> Path:
 
 def provision(inv: Path, env: dict) -> tuple[int, list[dict], float]:
     t0 = time.monotonic()
-    res = subprocess.run(["flock", LOCK, sys.executable, "-m", "flagops", "provision", str(inv), "--tags", "weights",
-                          "--json"], capture_output=True, text=True, cwd=REPO, env=env)
+    res = subprocess.run([sys.executable, "-m", "flagops", "provision", str(inv), "--tags", "weights", "--json"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
     took = time.monotonic() - t0
     events = []
     for line in res.stdout.splitlines():
@@ -170,6 +185,7 @@ def main() -> int:
     ap.add_argument("--cap-MBps", type=float, default=100.0, dest="cap")
     ap.add_argument("--conn-MBps", type=float, default=25.0, dest="conn")
     ap.add_argument("--ms-workers", default="2,4,16", help="worker counts tried besides the default, one round each")
+    ap.add_argument("--curl-rounds", type=int, default=None, help="curl rounds (default: --rounds)")
     args = ap.parse_args()
     paths = LabPaths.default()
     share_host = paths.share
@@ -179,6 +195,7 @@ def main() -> int:
     created: list[str] = []  # node paths under /share this bench made (removed at the end)
     report: dict = {"cap_MBps": args.cap, "conn_MBps": args.conn, "rounds": args.rounds}
     hub = None
+    phase = None
     try:
         log(f"generating a {args.gib} GiB synthetic model in {tmp}")
         model_bytes = make_model(tmp / "model", args.gib)
@@ -190,6 +207,8 @@ def main() -> int:
         hub.models[MODEL_ID].files()  # read the manifest before timing anything
 
         # -------- flagops: the weights role through `flagops provision --tags weights`
+        phase = lab_lock("flagops rounds, no-op, resume")
+        phase.__enter__()
         fl, fl_dl, names = [], [], []
         for r in range(args.rounds):
             name = f"bench-weights-{os.getpid()}-{r}"
@@ -245,7 +264,7 @@ def main() -> int:
         inv = inventory(tmp, name, model_bytes)
         prog = share_host / ".flagops" / "tools" / f"progress-{name}.json"
         sent0 = hub.bytes_sent
-        proc = subprocess.Popen(["flock", LOCK, sys.executable, "-m", "flagops", "provision", str(inv), "--tags",
+        proc = subprocess.Popen([sys.executable, "-m", "flagops", "provision", str(inv), "--tags",
                                  "weights", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=REPO, env=env)
         killed_at = None
@@ -271,7 +290,12 @@ def main() -> int:
         log(f"resume: killed at {killed_at}, {on_disk} bytes on disk, refetched {sent - model_bytes} bytes")
         shutil.rmtree(share_host / "models" / name, ignore_errors=True)
 
+        phase.__exit__(None, None, None)
+        phase = None
+
         # -------- modelscope download on node1 with the role's SDK venv
+        phase = lab_lock("modelscope download rounds")
+        phase.__enter__()
         venv = sh_node(f"ls -d {SHARE_NODE}/.flagops/tools/modelscope-* | head -1").stdout.strip()
         ms_env = (f"MODELSCOPE_DOMAIN={GATEWAY}:{PORT} REQUESTS_CA_BUNDLE={CA_NODE} "
                   "MODELSCOPE_CACHE=/tmp/ms-bench-cache MODELSCOPE_CREDENTIALS_PATH=/tmp/ms-bench-cred")
@@ -299,11 +323,13 @@ def main() -> int:
         report["modelscope_default_MBps"] = round(statistics.median(ms["default"]), 1)
         report["modelscope_best_workers"] = best
         report["modelscope_MBps"] = round(statistics.median(ms[best]), 1)
+        phase.__exit__(None, None, None)
+        phase = None
 
         # -------- curl, one file after another (on the host: the nodes have no curl)
         listing = hub.models[MODEL_ID].files()
         cu = []
-        for r in range(args.rounds):
+        for r in range(args.curl_rounds or args.rounds):
             dest = tmp / f"curl-{r}"
             dest.mkdir()
             t0 = time.monotonic()
@@ -316,6 +342,8 @@ def main() -> int:
         report["curl_rounds_MBps"] = [round(x, 1) for x in cu]
         report["curl_MBps"] = round(statistics.median(cu), 1)
     finally:
+        if phase is not None:
+            phase.__exit__(None, None, None)
         if hub is not None:
             hub.shutdown()
             hub.server_close()
