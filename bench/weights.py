@@ -131,19 +131,25 @@ def provision(inv: Path, env: dict) -> tuple[int, list[dict], float]:
     return res.returncode, events, took
 
 
-def job_seconds(since: float) -> float | None:
-    """The download module's own wall time (listing + fetch), from the newest provision run's events."""
-    runs = sorted((p for p in (Path.home() / ".flagops" / "runs" / "artifacts").glob("*-provision-*")
-                   if p.stat().st_mtime >= since - 1), key=lambda p: p.stat().st_mtime)
-    for run in reversed(runs):
-        for ev in sorted((run / "job_events").glob("*.json")):
+def job_seconds(since: float, name: str) -> float | None:
+    """The download module's own wall time (listing + fetch), from this run's saved events."""
+    base = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops") / "runs"
+    for run in sorted(base.glob("*provision*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if run.stat().st_mtime < since - 1:
+            break
+        found, secs = False, None
+        for ev in sorted(run.glob("artifacts/*/job_events/*.json")):
             try:
                 doc = json.loads(ev.read_text())
             except ValueError:
                 doc = {}
             data = doc.get("event_data") or {}
-            if doc.get("event") == "runner_on_ok" and str(data.get("task", "")).startswith("Weights | downloading"):
-                return (data.get("res") or {}).get("job_seconds")
+            task = str(data.get("task", ""))
+            found = found or task == f"Weights | fetch and verify {name}"
+            if doc.get("event") == "runner_on_ok" and task.startswith("Weights | downloading"):
+                secs = (data.get("res") or {}).get("job_seconds")
+        if found:
+            return secs
     return None
 
 
@@ -226,7 +232,7 @@ def main() -> int:
                 raise SystemExit(f"provision round {r} failed: {[e.get('msg') for e in events if e.get('msg')]}")
             secs = task_seconds(events, ("Weights | fetch", "Weights | downloading"))
             fl.append(model_bytes / secs / 1e6)
-            js = job_seconds(t_start)
+            js = job_seconds(t_start, name)
             if js:
                 report.setdefault("flagops_module_rounds_MBps", []).append(round(model_bytes / js / 1e6, 1))
             res = [e for e in events if e.get("event") == "flagops_progress"]
@@ -248,7 +254,7 @@ def main() -> int:
         sent0 = hub.bytes_sent
         t_start = time.time()
         rc, events, took = provision(inv, env)
-        report["noop_module_s"] = job_seconds(t_start)
+        report["noop_module_s"] = job_seconds(t_start, names[-1])
         report["noop_s"] = round(task_seconds(events, ("Weights | fetch", "Weights | downloading")), 2)
         report["noop_provision_s"] = round(took, 1)
         report["noop_bytes"] = hub.bytes_sent - sent0
