@@ -101,6 +101,27 @@ class _Task:
     started: float
     hosts: dict[str, str] = field(default_factory=dict)  # host -> running|ok|changed|...
     ended: float | None = None
+    progress: str = ""  # the latest progress record of a polled task (weights download)
+
+
+def _progress(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress record a polled task returns on each retry (roles/weights), if any."""
+    if ev.get("event") != "runner_retry":
+        return None
+    res = (ev.get("event_data") or {}).get("res")
+    prog = res.get("progress") if isinstance(res, dict) else None
+    return prog if isinstance(prog, dict) and "bytes_done" in prog else None
+
+
+def progress_text(p: dict[str, Any]) -> str:
+    """``1.2/4.0 GiB 31% 95.3 MB/s ETA 30s`` from a progress record."""
+    done, total = p.get("bytes_done") or 0, p.get("bytes_total") or 0
+    pct = f" {100 * done / total:.0f}%" if total else ""
+    rate = p.get("rate_Bps") or 0
+    eta = p.get("eta_s")
+    eta_s = f" ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""
+    files = f" files {p.get('files_done', 0)}/{p.get('files_total', 0)}" if p.get("files_total") else ""
+    return f"{done / 2**30:.2f}/{total / 2**30:.2f} GiB{pct} {rate / 1e6:.1f} MB/s{eta_s}{files}"
 
 
 class JsonView:
@@ -133,6 +154,11 @@ class JsonView:
                 rec["msg"] = _failure_msg(res)
         if ev.get("event") == "playbook_on_stats":
             rec["recap"] = {h: vars(r) for h, r in _recap(data).items()}
+        prog = _progress(ev)
+        if prog is not None:
+            rec["event"] = "flagops_progress"
+            rec["progress"] = {k: prog.get(k) for k in (
+                "bytes_done", "bytes_total", "rate_Bps", "eta_s", "files_done", "files_total", "file")}
         self.emit(rec)
 
     def finish(self, result: Result) -> None:
@@ -183,6 +209,8 @@ class RichView:
         elapsed = time.monotonic() - self.task.started
         line = Text(f"{elapsed:6.1f}s  {self.task.name}")
         line.append_text(self._hosts_text(self.task))
+        if self.task.progress:
+            line.append("  " + self.task.progress, style="cyan")
         return Spinner("dots", text=line)
 
     def _close_task(self) -> None:
@@ -210,6 +238,8 @@ class RichView:
             self._close_task()
             prefix = "handler: " if kind == "playbook_on_handler_task_start" else ""
             self.task = _Task(prefix + (data.get("task") or data.get("name") or "?"), time.monotonic())
+        elif kind == "runner_retry" and self.task is not None and _progress(ev) is not None:
+            self.task.progress = progress_text(_progress(ev) or {})
         elif kind == "runner_on_start" and self.task is not None:
             self.task.hosts.setdefault(data.get("host", "?"), "running")
         elif kind in _HOST_EVENTS and self.task is not None:

@@ -28,6 +28,7 @@ HOST_TOOLS = {
     "nginx": "nginx-light",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "openssl": "openssl",  # the lab CA and the hub's certificate (hub_lab.py)
 }
 # Executables in sbin, which a non-root PATH may lack.
 _SBIN_PATHS = {"nginx": "/usr/sbin/nginx", "dockerd": "/usr/sbin/dockerd"}

@@ -21,18 +21,18 @@ FlagScale's own ``tools/patch/unpatch.py --backend=vllm`` clones it and applies 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
 
-from flagops.lab import LabError, Progress
+from flagops.lab import LabError, Progress, gitrepo
+from flagops.lab.gitrepo import IDENTITY, _git, _head_of  # noqa: F401 - IDENTITY: the lab commit identity
 
 VERSION = "0.8.0"
 REPO_NAME = "FlagScale.git"
-BRANCH = "main"
+BRANCH = gitrepo.BRANCH
 TAG = f"v{VERSION}"
 RECIPE_VERSION = 2  # bump when the tree or the commit below changes
 DROP_TOP = ("third_party",)  # top-level directories of the wheel's flag_scale/ left out
@@ -52,27 +52,6 @@ GITMODULES = """\
 \tpath = third_party/vllm
 \turl = {url}
 """
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "flagops lab",
-    "GIT_AUTHOR_EMAIL": "lab@flagops.invalid",
-    "GIT_AUTHOR_DATE": "2025-07-07T00:00:00+00:00",
-    "GIT_COMMITTER_NAME": "flagops lab",
-    "GIT_COMMITTER_EMAIL": "lab@flagops.invalid",
-    "GIT_COMMITTER_DATE": "2025-07-07T00:00:00+00:00",
-}
-
-
-def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(IDENTITY, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, LC_ALL="C", TZ="UTC")
-    return env
-
-
-def _git(*args: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, env=_git_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LabError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
 
 
 def _wheel_sha256() -> str:
@@ -211,8 +190,3 @@ def _has_ref(bare: Path, ref: str) -> bool:
     return True
 
 
-def _head_of(bare: Path) -> str | None:
-    try:
-        return _git("rev-parse", f"refs/heads/{BRANCH}", cwd=bare)
-    except LabError:
-        return None

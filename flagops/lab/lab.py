@@ -98,6 +98,7 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, 
         steps.run("services", lambda: services.ensure_services(paths, progress))
         steps.run("nodes", lambda: nodes.ensure_nodes(client, node_image, paths, progress))
         steps.run("bastion", lambda: _bastion_mode(client, node_image, paths, progress, bastion))
+        steps.run("hub_trust", lambda: _trust_hub_ca(client, paths, progress))
         nodes.prune_node_images(client, keep=node_image)
         local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
         digest = steps.run("push", lambda: push_image(client, local, progress))
@@ -109,6 +110,9 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False) -> dict[str, 
         "image_digest": digest,
         "model": Path(model).name,
         "model_url": f"http://{services.GATEWAY}:{services.MODEL_PORT}/{Path(model).name}/",
+        "hub": f"{services.GATEWAY}:{services.HUB_PORT}",
+        "hub_model": "flagops-lab/" + Path(model).name,
+        "hub_token_file": str(paths.root / "hub" / "token"),
         "flagscale_repo": f"git://{services.GATEWAY}/FlagScale.git",
         "flagscale_commit": commit,
         "vllm_repo": f"git://{services.GATEWAY}/vllm.git",
@@ -131,6 +135,12 @@ def _bastion_mode(client: docker.DockerClient, image: str, paths: LabPaths, prog
         bastion.ensure(client, image, paths, progress)
     elif bastion.remove(client, paths, progress):
         progress("bastion mode: off (the default lab)")
+
+
+def _trust_hub_ca(client: docker.DockerClient, paths: LabPaths, progress: Progress) -> None:
+    from flagops.lab import hub_lab
+
+    hub_lab.trust_ca(client, paths, [n.container for n in nodes.NODES], progress)
 
 
 def _registry_digest() -> str | None:

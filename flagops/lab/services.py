@@ -6,6 +6,7 @@
 - model server: nginx (own config and pid, never the system service) on
   172.30.0.1:8090 and 127.0.0.1:8090, serving ``<lab>/published/`` with Range support.
 - git server: ``git daemon`` on 172.30.0.1:9418 and 127.0.0.1:9418 exporting ``<lab>/git/``.
+- model hub: the ModelScope API stand-in (``hub.py``) on https://172.30.0.1:8443, lab CA.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ LOOPBACK = "127.0.0.1"
 REGISTRY_PORT = 5000
 MODEL_PORT = 8090
 GIT_PORT = 9418
+HUB_PORT = 8443  # flagops/lab/hub_lab.py: the ModelScope hub stand-in (HTTPS, lab CA)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ def _argv(paths: LabPaths, name: str) -> list[str]:
             f"--port={GIT_PORT}",
             str(paths.git),
         ]
+    if name == "model-hub":
+        from flagops.lab import hub_lab
+
+        return hub_lab.argv(paths, GATEWAY, LOOPBACK)
     raise ValueError(name)
 
 
@@ -159,6 +165,7 @@ def services() -> list[Service]:
         Service("registry-forward", fwd, GATEWAY, REGISTRY_PORT, "/v2/"),
         Service("model-server", f"nginx http://{GATEWAY}:{MODEL_PORT}/", GATEWAY, MODEL_PORT),
         Service("git-server", f"git daemon git://{GATEWAY}:{GIT_PORT}/", GATEWAY, GIT_PORT),
+        Service("model-hub", f"ModelScope hub stand-in https://{GATEWAY}:{HUB_PORT}/", GATEWAY, HUB_PORT),
     ]
 
 
@@ -166,6 +173,9 @@ def ensure_services(paths: LabPaths, progress: Progress) -> None:
     """Start each service that is not running (needs the lab bridge for 172.30.0.1)."""
     for d in (paths.registry, paths.published, paths.git, paths.run, paths.logs):
         d.mkdir(parents=True, exist_ok=True)
+    from flagops.lab import hub_lab
+
+    hub_lab.ensure_assets(paths, GATEWAY, LOOPBACK, progress)
     for svc in services():
         record = procs.read(paths.pids, svc.name)
         if procs.alive(record) and svc.probe():

@@ -31,8 +31,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flagops.lab import LabError, Progress
-from flagops.lab.flagscale_repo import _git, _head_of
+from flagops.lab import LabError, Progress, gitrepo
+from flagops.lab.gitrepo import _git, _head_of
 
 VERSION = "0.11.0"
 SDIST = f"vllm-{VERSION}.tar.gz"
@@ -40,7 +40,7 @@ SDIST_SHA256 = "f435a64c24e9c4178d657a76f8edd8548ddc444012f7d06a9f79ac3a6392bfae
 PYPI_SIMPLE = "https://pypi.org/simple/vllm/"  # PEP 691 JSON form of the simple index
 UPSTREAM = "https://github.com/vllm-project/vllm.git"
 REPO_NAME = "vllm.git"
-BRANCH = "main"
+BRANCH = gitrepo.BRANCH
 TAG = f"v{VERSION}"
 RECIPE_VERSION = 2  # bump when the tree or the commit below changes
 DROP = ("PKG-INFO", "vllm.egg-info")  # sdist build metadata, not sources

@@ -81,6 +81,11 @@ def lab() -> Lab:
     done = Lab.flagops("lab", "up", "--json")
     report = json.loads(done.stdout)
     assert report["ok"], report
+    # the lab inventory reads the hub token from the environment, as on a real cluster: with
+    # it, every provision logs in to the lab's ModelScope hub through the SDK
+    token_file = LabPaths.default().root / "hub" / "token"
+    if token_file.is_file():
+        os.environ.setdefault("MODELSCOPE_API_TOKEN", token_file.read_text().strip())
     return Lab(LabPaths.default(), report)
 
 

@@ -151,3 +151,54 @@ def test_missing_playbook_is_a_clean_error(local_inventory: Path) -> None:
 
     with pytest.raises(RunError, match="playbook not found"):
         runner.run_playbook("no-such-playbook", local_inventory, {})
+
+
+PROGRESS_PLAYBOOK = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: a long job
+      ansible.builtin.command: sleep 8
+      async: 60
+      poll: 0
+      register: job
+    - name: its progress record
+      ansible.builtin.copy:
+        dest: "{progress}"
+        content: '{{"bytes_done": 1073741824, "bytes_total": 4294967296, "rate_Bps": 95000000,
+          "eta_s": 33.9, "files_done": 2, "files_total": 10}}'
+    - name: downloading (bytes, rate, ETA)
+      flagops_weights_status:
+        jid: "{{{{ job.ansible_job_id }}}}"
+        progress_file: "{progress}"
+        wait_s: 0.3
+      register: st
+      until: st.finished | default(false)
+      retries: 100
+      delay: 0
+"""
+
+
+def test_polled_progress_reaches_json_and_live_view(tmp_path: Path, local_inventory: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """roles/weights' status poll: each retry's progress record is a flagops_progress event."""
+    lib = tmp_path / "library"
+    lib.mkdir()
+    (lib / "flagops_weights_status.py").symlink_to(
+        Path(runner.__file__).resolve().parents[1] / "roles" / "weights" / "library" / "flagops_weights_status.py")
+    pb = tmp_path / "progress.yml"
+    pb.write_text(PROGRESS_PLAYBOOK.format(progress=tmp_path / "progress.json"))
+    events: list[dict[str, Any]] = []
+    result = runner.run_playbook(str(pb), local_inventory, {}, json_out=True, on_event=events.append)
+    assert result.ok, result.failures
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    prog = [ln for ln in lines if ln["event"] == "flagops_progress"]
+    assert prog, [ln["event"] for ln in lines]
+    assert prog[0]["progress"]["bytes_done"] == 1 << 30 and prog[0]["progress"]["eta_s"] == 33.9
+    assert prog[0]["task"] == "downloading (bytes, rate, ETA)"
+    retry = next(e for e in events if e.get("event") == "runner_retry")
+    assert runner.progress_text(retry["event_data"]["res"]["progress"]) == (
+        "1.00/4.00 GiB 25% 95.0 MB/s ETA 34s files 2/10")
+    final = [e for e in events if e.get("event") == "runner_on_ok" and e["event_data"]["task"].startswith("downl")]
+    assert final and final[0]["event_data"]["res"]["finished"] is True
+    assert not (tmp_path / "progress.json").exists()  # the poll removes the record with the job
