@@ -109,7 +109,7 @@ def test_privileged_container_runs_in_node(lab: Lab) -> None:
 def test_status_reports_every_component_up(lab: Lab) -> None:
     report = json.loads(lab.flagops("lab", "status", "--json").stdout)
     assert report["ok"], report
-    assert set(report["services"]) == {"registry", "registry-forward", "model-server", "git-server"}
+    assert set(report["services"]) == {"registry", "registry-forward", "model-server", "model-hub", "git-server"}
 
 
 def _node_identity(lab: Lab) -> dict[str, tuple[str, str]]:
