@@ -277,6 +277,7 @@ class FileJob:
         self.state = self.part + STATE
         self.chunk = chunk
         self.lock = threading.Lock()
+        self.open_lock = threading.Lock()
         self.pending = 0
         self.finished = False
         self.restarted = False
@@ -326,8 +327,19 @@ class FileJob:
         os.replace(tmp, self.state)
         self.sfd = os.open(self.state, os.O_RDWR)
 
+    def pieces(self):
+        """The (start, end) ranges still to fetch: the rest of each cell."""
+        return [(i * self.cell + n, min(self.size, (i + 1) * self.cell))
+                for i, n in enumerate(self.counts) if i * self.cell + n < min(self.size, (i + 1) * self.cell)]
+
+    def ensure_open(self):
+        """Opened by the first worker that needs it: files not reached yet are not touched."""
+        with self.open_lock:
+            if self.fd is None and not self.finished:
+                self.open()
+
     def open(self):
-        """Open the .part, hash the prefix already on disk once; returns the (start, end) to fetch."""
+        """Open the .part, hash the prefix already on disk once."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._write_state()
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
@@ -340,8 +352,6 @@ class FileJob:
         for i, n in enumerate(self.counts):
             _add(self.written, i * self.cell, i * self.cell + n)
         self._catch_up(0)
-        return [(i * self.cell + n, min(self.size, (i + 1) * self.cell))
-                for i, n in enumerate(self.counts) if i * self.cell + n < min(self.size, (i + 1) * self.cell)]
 
     def _catch_up(self, pos):
         """Hash from ``pos`` over every byte already on disk (by the frontier's owner)."""
@@ -479,10 +489,11 @@ class Downloader:
     # ---- scheduling
     def run(self, jobs, progress):
         for job in jobs:
-            pieces = job.open()
+            pieces = job.pieces()
             job.pending = len(pieces)
             self.queue += [(job, a, b) for a, b in pieces]
-            if not pieces:
+            if not pieces:  # every byte is on disk already (a run killed before its rename)
+                job.open()
                 self.try_finish(job, progress)
         threads = [threading.Thread(target=self.worker, args=(progress,), daemon=True) for _ in range(self.workers)]
         for t in threads:
@@ -509,6 +520,7 @@ class Downloader:
                         return
                     job, s, e = self.queue.pop(0)
                 try:
+                    job.ensure_open()
                     self.fetch(cl, job, s, e, progress)
                     with job.lock:
                         job.pending -= 1
