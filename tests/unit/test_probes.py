@@ -360,8 +360,10 @@ def test_ops_consistency_times_out_a_slow_case_and_carries_on(tmp_path):
     assert by["fake[raise#5]"]["status"] == "fail"
     oks = [i for n, i in by.items() if n.startswith("fake[ok")]
     assert len(oks) == 5 and all(i["status"] == "pass" for i in oks)
-    # the cases went to both GPUs' workers, each worker saw only its own GPU
-    assert {i["values"]["cuda_visible_devices"] for i in oks} == {"0", "1"}
+    # the cases went to both GPUs' workers (which worker takes which case is a race: the
+    # killed and crashed cases may all land on one GPU), each worker saw only its own GPU
+    assert {i["values"]["gpu"] for i in doc["items"]} == {"0", "1"}
+    assert {i["values"]["cuda_visible_devices"] for i in oks} <= {"0", "1"}
     assert all(i["values"]["cuda_visible_devices"] == i["values"]["gpu"] for i in oks)
     # killed and crashed workers were replaced: more than two worker pids served cases
     pids = {i["values"]["pid"] for i in oks}
