@@ -85,6 +85,27 @@ def test_parallel_ranges_verified_then_noop(ca: Path, model, tmp_path: Path) -> 
         assert data_requests(hub) == []
 
 
+def test_plan_only_decides_without_touching_anything(ca: Path, model, tmp_path: Path) -> None:
+    """The role's synchronous first look: work to do -> needs_job and nothing written; a complete,
+    recorded model -> needs_job False with no data requests; a file not in the record (placed by hand)
+    -> needs_job, because hashing it is the background job's work."""
+    root, files = model
+    dest = tmp_path / "dest"
+    with serve(ca, root) as hub:
+        plan = run_module(args(hub, ca, dest, plan_only=True), tmp_path)
+        assert plan["needs_job"] is True and plan["changed"] is False and plan["files_pending"] == len(SIZES), plan
+        assert not dest.exists() and data_requests(hub) == []
+        assert run_module(args(hub, ca, dest), tmp_path)["changed"] is True
+        hub.log.clear()
+        plan = run_module(args(hub, ca, dest, plan_only=True), tmp_path)
+        assert plan["needs_job"] is False and plan["changed"] is False and plan["verified"] == len(SIZES), plan
+        assert data_requests(hub) == []
+        os.utime(dest / "config.json", (1, 1))  # the record no longer vouches for it
+        plan = run_module(args(hub, ca, dest, plan_only=True), tmp_path)
+        assert plan["needs_job"] is True and plan["files_pending"] == 1, plan
+    assert_model(dest, files)
+
+
 def test_check_diff_changes_nothing(ca: Path, model, tmp_path: Path) -> None:
     root, _ = model
     dest = tmp_path / "dest"

@@ -695,6 +695,7 @@ def main():
             timeout_s=dict(type="float", default=60.0),
             progress_file=dict(type="path"),
             progress_interval_s=dict(type="float", default=0.5),
+            plan_only=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -743,6 +744,9 @@ def main():
             if st.st_size == f["size"]:
                 trusted = (p["verify"] == "quick" and rec and rec.get("sha256") == f["sha256"]
                            and rec.get("size") == st.st_size and rec.get("mtime") == int(st.st_mtime))
+                if not trusted and p["plan_only"]:  # hashing it is the background job's work
+                    todo.append(dict(f, why="unverified"))
+                    continue
                 if trusted or not f["sha256"] or _sha256(path, p["chunk_bytes"]) == f["sha256"]:
                     record["files"][f["path"]] = {"size": st.st_size, "sha256": f["sha256"], "mtime": int(st.st_mtime)}
                     result["verified"] += 1
@@ -753,6 +757,13 @@ def main():
         else:
             todo.append(dict(f, why="missing"))
 
+    if p["plan_only"] and todo:
+        # The quick synchronous look found work (bytes to fetch or files to hash): say so and
+        # leave everything as it is; the role then starts the download as a background job.
+        result.update(needs_job=True, files_total=len(files), files_pending=len(todo),
+                      msg="%d of %d files to fetch or verify in %s" % (len(todo), len(files), dest))
+        module.exit_json(**result)
+    result["needs_job"] = False
     jobs = [FileJob(f, dest, dl.chunk, dl.part_bytes) for f in todo]
     need = sum(j.size - j.resumed_bytes for j in jobs)
     result["bytes_to_fetch"] = need
