@@ -38,16 +38,16 @@ collection: venv
 # No network: the contract tests (FlagScale's own code, fetched from PyPI, reading what
 # flagops renders) run in `make test` and `make test-contract`.
 test-unit: setup
-	$(PY) -m pytest tests/unit -m "not contract"
+	$(PY) -m pytest tests/unit -n auto -m "not contract"
 
 test-contract: setup
-	$(PY) -m pytest tests/unit -m contract
+	$(PY) -m pytest tests/unit -n auto -m contract
 
 # The whole suite: unit tests, then the lab (brought up here, torn down at the end,
 # with a test that the tear-down left nothing), every role's molecule scenario,
 # provision/deploy/verify end to end and the fault tests.
 test: setup lint
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -n auto
 	$(MAKE) test-lab
 
 test-lab: setup

@@ -8,6 +8,7 @@ FLAGOPS_TEST_CACHE moves the cache (default: <repo>/.cache/flagscale-0.8.0).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -81,6 +82,14 @@ def flagscale_site() -> Path:
     cache = Path(os.environ.get("FLAGOPS_TEST_CACHE") or REPO / ".cache" / "flagscale-0.8.0")
     site = cache / "site"
     marker = site / ".flagops-ready"
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("a") as lock:  # pytest-xdist workers build it once, one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_site(cache, site, marker)
+    return site
+
+
+def _build_site(cache: Path, site: Path, marker: Path) -> None:
     if not marker.exists():
         shutil.rmtree(site, ignore_errors=True)
         wheel_env = os.environ.get("FLAGOPS_FLAGSCALE_WHEEL")
@@ -93,7 +102,6 @@ def flagscale_site() -> Path:
         _pip("install", "--no-deps", "--target", str(site), str(wheel))
         _pip("install", "--target", str(site), *FLAGSCALE_RUNTIME)
         marker.write_text("ok\n")
-    return site
 
 
 def _flagscale_read(site: Path, root: Path, **conf_dirs: Path) -> dict[str, Any]:

@@ -158,7 +158,7 @@ PROGRESS_PLAYBOOK = """\
   gather_facts: false
   tasks:
     - name: a long job
-      ansible.builtin.command: sleep 8
+      ansible.builtin.command: sleep 5
       async: 60
       poll: 0
       register: job
