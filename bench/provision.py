@@ -119,7 +119,7 @@ def main() -> None:
         "two_node_s": round(t_first, 2),
         "two_over_one_ratio": round(t_first / t_one, 3),
         "check_diff_output": "bench/results/provision-check-diff.txt",
-        "vllm": {"first": vllm_times(out_first), "second": vllm_times(out_second)},
+        "vllm": {"first": vllm_times(out_first), "second": vllm_times(out_second), "one_node": vllm_times(out_one)},
         "slowest_tasks": {"first": slowest_tasks(out_first), "second": slowest_tasks(out_second),
                           "one_node": slowest_tasks(out_one)},
     }
