@@ -82,43 +82,44 @@ def test_check_diff_changes_nothing(stopped: Lab) -> None:
     assert snapshot(stopped) == before
 
 
-def _split_layout(root: Path) -> Path:
+def _split_layout(root: Path, vaulted: str) -> Path:
     """The lab inventory as many teams keep theirs: hosts in one file, every shared var in
-    ``group_vars/all.yml`` (one secret vault-encrypted), a host's address in ``host_vars/``."""
+    ``group_vars/all.yml`` (the hub token vault-encrypted), a host's address in ``host_vars/``."""
     inv = yaml.safe_load(Path(INV).read_text())
     (root / "group_vars").mkdir(parents=True)
     (root / "host_vars").mkdir()
-    shared = dict(inv["all"]["vars"])
+    shared = {k: v for k, v in inv["all"]["vars"].items() if k != "flagops_hub_token"}
     hosts = {"all": {"children": inv["all"]["children"]}}
     node2 = hosts["all"]["children"]["workers"]["hosts"]["node2"]
     (root / "host_vars" / "node2.yml").write_text(yaml.safe_dump({"ansible_host": node2.pop("ansible_host")}))
     hosts["all"]["children"]["workers"]["hosts"]["node2"] = None
-    (root / "group_vars" / "all.yml").write_text(yaml.safe_dump(shared, sort_keys=False) + VAULT_TOKEN)
+    (root / "group_vars" / "all.yml").write_text(yaml.safe_dump(shared, sort_keys=False) + vaulted)
     (root / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
     return root / "hosts.yml"
 
 
-# `ansible-vault encrypt_string --vault-password-file <(echo lab-vault) lab-hub-token-plaintext
-#  --name flagops_hub_token`: a secret that validate must accept without decrypting and that
-# the playbooks decrypt with the operator's vault password.
+# What `ansible-vault encrypt_string --name flagops_hub_token` writes: a secret that validate
+# must accept without decrypting and that the playbooks decrypt with the operator's vault
+# password. The plaintext is the lab hub's real token, so the provision logs in with it.
 VAULT_PASSWORD = "lab-vault"
-VAULT_PLAINTEXT = "lab-hub-token-plaintext"
 
 
-def _vault_token() -> str:
+def _vault_token(plaintext: str) -> str:
     from ansible.parsing.vault import VaultLib, VaultSecret
 
     lib = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))])
-    body = lib.encrypt(VAULT_PLAINTEXT).decode()
+    body = lib.encrypt(plaintext).decode()
     return "flagops_hub_token: !vault |\n" + "".join(f"  {line}\n" for line in body.splitlines())
-
-
-VAULT_TOKEN = _vault_token()
 
 
 def test_provision_from_group_vars_and_host_vars(stopped: Lab, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    hosts = _split_layout(tmp_path / "inv")
+    token = os.environ.get("MODELSCOPE_API_TOKEN", "")
+    assert token, "the lab fixture exports the lab hub's token"
+    runs = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser() / "runs"
+    before = set(runs.rglob("*"))
+    hosts = _split_layout(tmp_path / "inv", _vault_token(token))
+    monkeypatch.delenv("MODELSCOPE_API_TOKEN")  # only the vaulted copy can log in now
     done = stopped.flagops("validate", str(hosts))
     assert "2 hosts: node1 172.30.0.11 (master, 1 slots), node2 172.30.0.12 (worker, 1 slots)" in done.stdout
 
@@ -136,8 +137,9 @@ def test_provision_from_group_vars_and_host_vars(stopped: Lab, tmp_path: Path,
     res = result(events)
     assert rc == 0, res["failures"]
     assert {h: r["changed"] for h, r in res["recap"].items()} == {"node1": 0, "node2": 0}
-    runs = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser() / "runs"
-    leaked = [str(p) for p in runs.rglob("*") if p.is_file() and VAULT_PLAINTEXT.encode() in p.read_bytes()]
+    new = [p for p in runs.rglob("*") if p not in before and p.is_file()]
+    assert new, runs
+    leaked = [str(p) for p in new if token.encode() in p.read_bytes()]
     assert leaked == [], "the decrypted vault value reached run artifacts"
 
 
