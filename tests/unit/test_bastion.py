@@ -192,3 +192,40 @@ def test_lab_writes_the_bastion_inventory(tmp_path: Path) -> None:
     assert "ProxyJump=root@172.30.0.10" in text and f"{paths.root}/ssh/known_hosts" in text
     assert "commit: " + "a" * 40 in text and "~/.flagops/lab/" not in text
     assert write_inventory(paths, "a" * 40).name == "inventory.yaml"
+
+
+class _Conn:
+    """A fabric Connection stand-in: the first session dies during the handshake."""
+
+    def __init__(self, fail: bool, ran: list[str]) -> None:
+        self.fail, self.ran, self.is_connected = fail, ran, not fail
+
+    def run(self, cmd: str, **_: object) -> object:
+        if self.fail:
+            raise RuntimeError("No existing session")  # what paramiko raises when sshd drops the handshake
+        self.ran.append(cmd)
+        return type("R", (), {"exited": 0, "stdout": "ok\n", "stderr": ""})()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_session_that_never_came_up_is_retried_once_a_failed_command_is_not() -> None:
+    from flagops import config
+
+    cfg = config.load(str(REPO / "inventories" / "lab.yaml"))
+    ran: list[str] = []
+    made: list[_Conn] = []
+    with Nodes(cfg) as nodes:
+        def connection(host):  # noqa: ANN001, ANN202
+            if host.name not in nodes._conns:
+                nodes._conns[host.name] = _Conn(fail=not made, ran=ran)
+                made.append(nodes._conns[host.name])
+            return nodes._conns[host.name]
+
+        nodes._connection = connection  # type: ignore[method-assign]
+        res = nodes.run(["true"], hosts=["node1"])
+        assert res["node1"].rc == 0 and ran == ["true"] and len(made) == 2
+        nodes._conns["node1"].fail = True  # the session is up, the command path fails: no retry
+        res = nodes.run(["true"], hosts=["node1"])
+        assert res["node1"].rc == 255 and "No existing session" in res["node1"].stderr and len(made) == 2
