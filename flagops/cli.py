@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("flagops.service_cli:stop", "Stop the service (stop.yml)."),
     "verify": ("flagops.verify.cli:verify", "Run the verify checks against a running service."),
     "lab": ("flagops.lab.cli:lab", "The local two-node lab: up, down, status."),
+    "releases": ("flagops.catalog_cli:releases", "List the release catalog; `releases show NAME` shows one."),
 }
 
 
@@ -134,6 +135,8 @@ def validate(inventory: str, release: str | None, json_out: bool) -> None:
     from flagops import config
 
     cfg = config.load(inventory, release)
+    for warning in cfg.warnings:  # unverified release values: reported, never fatal
+        click.echo(str(warning), err=True)
     if json_out:
         _emit_json({"ok": True, **cfg.to_dict()})
         return
