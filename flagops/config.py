@@ -866,7 +866,8 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
         # TP16 over 2 x 8); a group that ends inside a node mixes NVLink and network links.
         if tp > s and tp % s:
             problems.append(
-                Problem(doc.where(tp_ptr), f"tensor_parallel_size {tp} > {s} slots on {hname} and not a multiple of {s}",
+                Problem(doc.where(tp_ptr),
+                         f"tensor_parallel_size {tp} > {s} slots on {hname} and not a multiple of {s}",
                          "tensor_parallel_size <= the slots of every node, or a multiple of them (a TP group "
                          "fills one node or whole nodes)",
                          f"lower tensor_parallel_size to {s} or less and raise pipeline_parallel_size")
