@@ -143,7 +143,8 @@ def validate(inventory: str, release: str | None, json_out: bool) -> None:
     hosts = ", ".join(f"{h.name} {h.address} ({h.role}, {h.slots} slots)" for h in cfg.hosts)
     args = cfg.engine_args()
     click.echo(
-        f"{inventory}: ok - release {cfg.release_name}, {len(cfg.hosts)} hosts: {hosts}; "
+        f"{inventory}: ok - release {cfg.release_name}, {len(cfg.hosts)} host{'s' if len(cfg.hosts) != 1 else ''}: "
+        f"{hosts}; "
         f"TP {args.get('tensor_parallel_size', 1)} x PP {args.get('pipeline_parallel_size', 1)} "
         f"= {cfg.total_slots} slots"
     )

@@ -8,8 +8,13 @@ merges ``flagops_release_overrides`` over the catalog release, checks both again
 problem is collected and raised at once in a single :class:`ConfigError`, each one
 pointing at ``file:line:col`` of the value that caused it.
 
-Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`list_releases`,
-:func:`catalog_dirs`, :func:`schema_dir`.
+The release is also checked against the inventory (node count, GPUs per node, TP x PP,
+devices, shared memory), and its ``unverified`` fields become warnings
+(:class:`~flagops.errors.Unverified`, ``Config.warnings``) that never fail validation.
+
+Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`load_release`,
+:class:`Release`, :func:`list_releases`, :func:`catalog_dirs`, :func:`schema_dir`,
+:func:`tp_pp`, :func:`size_bytes`, :func:`field_pointer`.
 """
 
 from __future__ import annotations

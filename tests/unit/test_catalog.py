@@ -287,3 +287,52 @@ def test_container_role_takes_every_release_setting() -> None:
     spec = yaml.safe_load((REPO / "roles/container/meta/argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]
     assert used <= set(options)
+
+
+def test_provision_hands_each_release_its_container_settings(tmp_path: Path) -> None:
+    """A plain ansible-playbook run templates the container play's role vars of
+    playbooks/provision.yml with each release's real extra var: the role gets the release's
+    devices, shm, ulimits, ipc/net, security options and env (release env under the per-node
+    values), with no per-release code."""
+    import os
+    import subprocess
+    import sys
+
+    from flagops import api
+
+    provision = yaml.safe_load((REPO / "playbooks/provision.yml").read_text())
+    role_vars = next(p for p in provision if p["roles"][0]["role"] == "container")["roles"][0]["vars"]
+    plays, expected = [], {}
+    for release, example in EXAMPLES.items():
+        cfg = config.load(REPO / "inventories" / f"{example}.yaml")
+        if release == "kimi-k2-instruct":  # a release env reaches the container, the node's values win
+            cfg.release["container"]["env"] = {"NCCL_IB_HCA": "mlx5", "VLLM_HOST_IP": "lost"}
+        (tmp_path / f"{release}.json").write_text(json.dumps(api.extravars_for(cfg)))
+        expected[release] = render.contract(cfg)["docker"]
+        plays.append({
+            "name": release, "hosts": "localhost", "gather_facts": False, "connection": "local",
+            "vars_files": [str(REPO / "playbooks/vars/flagops.yml"), str(tmp_path / f"{release}.json")],
+            "vars": {"flagops_nic": "bond0", "preflight_node": {"facts": {"nic_ipv4": "192.0.2.99"}},
+                     "got": role_vars},
+            "tasks": [{"name": "Write the role vars", "ansible.builtin.copy": {
+                "dest": str(tmp_path / f"{release}.out.json"), "content": "{{ got | to_json }}", "mode": "0600"}}],
+        })
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(plays))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_LOCALHOST_WARNING": "False",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"}
+    res = subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")), str(tmp_path / "play.yml")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for release, docker in expected.items():
+        got = json.loads((tmp_path / f"{release}.out.json").read_text())
+        assert (got["container_devices"], got["container_shm_size"], got["container_ulimits"]) == (
+            docker["devices"], docker["shm_size"], docker["ulimits"]), release
+        assert (got["container_ipc_mode"], got["container_network_mode"], got["container_gpus"]) == (
+            docker["ipc"], docker["network"], docker["gpus"]), release
+        assert (got["container_security_opts"], got["container_cap_add"], got["container_groups"],
+                got["container_mounts"], got["container_privileged"]) == (
+            docker["security_opt"], docker["cap_add"], docker["group_add"], docker["mounts"], docker["privileged"])
+    assert json.loads((tmp_path / "deepseek-r1.out.json").read_text())["container_devices"] == ["/dev/infiniband"]
+    assert json.loads((tmp_path / "kimi-k2-instruct.out.json").read_text())["container_env"] == {
+        "NCCL_IB_HCA": "mlx5", "VLLM_HOST_IP": "192.0.2.99", "NCCL_SOCKET_IFNAME": "bond0",
+        "GLOO_SOCKET_IFNAME": "bond0"}
