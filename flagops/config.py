@@ -895,6 +895,11 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
 # --------------------------------------------------------------------------- catalog rules
 
 
+# Container paths roles/container always mounts (the share and the kernel caches).
+RESERVED_MOUNTS = frozenset({"/share", "/models", "/repos", "/flagops", "/flagops/triton-cache",
+                             "/flagops/flaggems-cache"})
+
+
 def field_pointer(field: str) -> str:
     """``serve.engine_args.port`` -> ``/serve/engine_args/port`` (the unverified map's keys)."""
     return join_pointer("", *field.split("."))
@@ -947,6 +952,22 @@ def _catalog_problems(doc: Doc, problems: list[Problem]) -> None:
                          "correct the path, or remove the entry")
             )
     container = _mapping(rel.get("container"))
+    mounts = container.get("mounts")
+    for i, mount in enumerate(mounts if isinstance(mounts, list) else []):
+        if not isinstance(mount, str):
+            continue
+        host, _, rest = mount.partition(":")
+        target = rest.partition(":")[0]
+        why = next((w for w in (_check_abs_path(host), _check_abs_path(target)) if w), None)
+        if why is None and target.rstrip("/") in RESERVED_MOUNTS:
+            why = f"{target} is flagops' own mount"
+        if why:
+            problems.append(
+                Problem(doc.where(join_pointer("/container/mounts", i)), f"{_show(mount)} ({why})",
+                         "/host/path:/container/path[:ro], absolute, without '..', not over "
+                         + ", ".join(sorted(RESERVED_MOUNTS)),
+                         "mount another path (the share, /models and /repos are always mounted)")
+            )
     vendor = rel.get("vendor", "nvidia")
     if isinstance(vendor, str) and vendor != "nvidia" and container.get("gpus", "all") == "all":
         problems.append(

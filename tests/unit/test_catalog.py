@@ -168,6 +168,17 @@ def test_other_vendor_needs_no_nvidia_runtime(tmp_path: Path, monkeypatch: pytes
     assert _cli("releases", "show", "metax").exit_code == 0
 
 
+def test_extra_mounts_are_plain_and_do_not_cover_flagops_mounts(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _catalog(tmp_path, monkeypatch, "mounts", lambda d: d["container"].update(
+        mounts=["/opt/hyhal:/opt/hyhal", "/data/../etc:/etc2:ro", "/nfs:/models"]))
+    problems = _problems(_cli("releases", "show", "mounts", "--json"))
+    assert [(p["pointer"], p["found"]) for p in problems] == [
+        ("/container/mounts/1", "\"/data/../etc:/etc2:ro\" (a path with '..')"),
+        ("/container/mounts/2", "\"/nfs:/models\" (/models is flagops' own mount)"),
+    ]
+
+
 def test_release_topology_must_match_its_parallel_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _catalog(tmp_path, monkeypatch, "odd", lambda d: d["topology"].update(nodes=4))
     (problem,) = _problems(_cli("releases", "show", "odd", "--json"))
