@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("flagops.service_cli:stop", "Stop the service (stop.yml)."),
     "verify": ("flagops.verify.cli:verify", "Run the verify checks against a running service."),
     "lab": ("flagops.lab.cli:lab", "The local two-node lab: up, down, status."),
+    "releases": ("flagops.catalog_cli:releases", "List the release catalog; `releases show NAME` shows one."),
 }
 
 
@@ -134,13 +135,16 @@ def validate(inventory: str, release: str | None, json_out: bool) -> None:
     from flagops import config
 
     cfg = config.load(inventory, release)
+    for warning in cfg.warnings:  # unverified release values: reported, never fatal
+        click.echo(str(warning), err=True)
     if json_out:
         _emit_json({"ok": True, **cfg.to_dict()})
         return
     hosts = ", ".join(f"{h.name} {h.address} ({h.role}, {h.slots} slots)" for h in cfg.hosts)
     args = cfg.engine_args()
     click.echo(
-        f"{inventory}: ok - release {cfg.release_name}, {len(cfg.hosts)} hosts: {hosts}; "
+        f"{inventory}: ok - release {cfg.release_name}, {len(cfg.hosts)} host{'s' if len(cfg.hosts) != 1 else ''}: "
+        f"{hosts}; "
         f"TP {args.get('tensor_parallel_size', 1)} x PP {args.get('pipeline_parallel_size', 1)} "
         f"= {cfg.total_slots} slots"
     )

@@ -8,8 +8,13 @@ merges ``flagops_release_overrides`` over the catalog release, checks both again
 problem is collected and raised at once in a single :class:`ConfigError`, each one
 pointing at ``file:line:col`` of the value that caused it.
 
-Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`list_releases`,
-:func:`catalog_dirs`, :func:`schema_dir`.
+The release is also checked against the inventory (node count, GPUs per node, TP x PP,
+devices, shared memory), and its ``unverified`` fields become warnings
+(:class:`~flagops.errors.Unverified`, ``Config.warnings``) that never fail validation.
+
+Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`load_release`,
+:class:`Release`, :func:`list_releases`, :func:`catalog_dirs`, :func:`schema_dir`,
+:func:`tp_pp`, :func:`size_bytes`, :func:`field_pointer`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flagops import loader
-from flagops.errors import ConfigError, Location, Problem, join_pointer
+from flagops.errors import ConfigError, Location, Problem, Unverified, join_pointer
 from flagops.loader import Doc, Vault
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -332,6 +337,8 @@ class Config:
     share_root: str
     container_name: str
     slot_type: str
+    # The release's unverified fields (validate warns, exit status stays 0).
+    warnings: tuple[Unverified, ...] = ()
 
     @property
     def master(self) -> Host:
@@ -365,6 +372,7 @@ class Config:
             "ssh_port": self.ssh_port,
             "hosts": [h.__dict__ for h in self.hosts],
             "release": self.release,
+            "warnings": [w.to_dict() for w in self.warnings],
         }
 
 
@@ -724,6 +732,7 @@ def _resolve_inventory(ans: loader.Inventory, problems: list[Problem]) -> _Inven
 
 
 def _drop_subtree(doc: Doc, pointer: str) -> None:
+    doc.deleted.update(p for p in doc.values if p == pointer or p.startswith(pointer + "/"))
     for table in (doc.values, doc.keys):
         for p in [p for p in table if p == pointer or p.startswith(pointer + "/")]:
             del table[p]
@@ -829,8 +838,12 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                          "drop the shell characters; set complex values in the image instead")
             )
 
+    _catalog_problems(doc, problems)
+    if inv is None:
+        _topology_self_check(doc, problems)
     if inv is None or not inv.hosts or not inv.topology_ok:
         return
+    _needs_problems(doc, inv, problems)
     slots: list[tuple[str, int]] = []
     for hname, _, hd in inv.hosts:
         s = hd.data.get("flagops_slots")
@@ -854,10 +867,14 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                      "change the parallel sizes or the hosts' flagops_slots")
         )
     for hname, s in slots:
-        if tp > s:
+        # A TP group fits in one node, or spans whole nodes (FlagScale's Kimi-K2 example:
+        # TP16 over 2 x 8); a group that ends inside a node mixes NVLink and network links.
+        if tp > s and tp % s:
             problems.append(
-                Problem(doc.where(tp_ptr), f"tensor_parallel_size {tp} > {s} slots on {hname}",
-                         "tensor_parallel_size <= the slots of every node (a TP group stays in one node)",
+                Problem(doc.where(tp_ptr),
+                         f"tensor_parallel_size {tp} > {s} slots on {hname} and not a multiple of {s}",
+                         "tensor_parallel_size <= the slots of every node, or a multiple of them (a TP group "
+                         "fills one node or whole nodes)",
                          f"lower tensor_parallel_size to {s} or less and raise pipeline_parallel_size")
             )
     slot_type = inv.cluster.get("flagops_slot_type", ("gpu", None))[0]
@@ -873,6 +890,187 @@ def _release_problems(doc: Doc, inv: _Inventory | None, problems: list[Problem])
                              "list every GPU id, e.g. 0,1,2,3,4,5,6,7")
                 )
                 break
+
+
+# --------------------------------------------------------------------------- catalog rules
+
+
+# Container paths roles/container always mounts (the share and the kernel caches).
+RESERVED_MOUNTS = frozenset({"/share", "/models", "/repos", "/flagops", "/flagops/triton-cache",
+                             "/flagops/flaggems-cache"})
+
+
+def field_pointer(field: str) -> str:
+    """``serve.engine_args.port`` -> ``/serve/engine_args/port`` (the unverified map's keys)."""
+    return join_pointer("", *field.split("."))
+
+
+def _lookup(data: Any, pointer: str) -> tuple[bool, Any]:
+    """(True, value) when ``pointer`` names a value in ``data``."""
+    node = data
+    for token in pointer.split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return False, None
+    return True, node
+
+
+def size_bytes(value: Any) -> int | None:
+    """Docker's size strings (``32G``, ``512g``, ``1T``; 1024-based) in bytes; None if not one."""
+    m = re.fullmatch(r"([0-9]+)([bkmgtBKMGT]?)", str(value))
+    if not m:
+        return None
+    return int(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower())
+
+
+def tp_pp(release: dict[str, Any]) -> tuple[Any, Any]:
+    args = effective_engine_args(release)
+    return args.get("tensor_parallel_size", 1), args.get("pipeline_parallel_size", 1)
+
+
+def _tp_pointer(doc: Doc) -> str:
+    engine_args = _mapping(_mapping(doc.data.get("serve")).get("engine_args"))
+    return ("/serve/engine_args/tensor_parallel_size" if "tensor_parallel_size" in engine_args
+            else "/serve/engine_args_specific/vllm/tensor_parallel_size")
+
+
+def _catalog_problems(doc: Doc, problems: list[Problem]) -> None:
+    """Rules of the catalog's own data: unverified names real fields, vendor flags agree."""
+    rel = doc.data
+    for field in _mapping(rel.get("unverified")):
+        ptr = field_pointer(field)
+        found, _ = _lookup(rel, ptr)
+        if not found and ptr not in doc.deleted:
+            problems.append(
+                Problem(doc.where(join_pointer("/unverified", field), key=True),
+                         f"unverified field {_show(field)} that the release does not have",
+                         "a dotted path of a value in this release, e.g. serve.engine_args.port",
+                         "correct the path, or remove the entry")
+            )
+    container = _mapping(rel.get("container"))
+    mounts = container.get("mounts")
+    for i, mount in enumerate(mounts if isinstance(mounts, list) else []):
+        if not isinstance(mount, str):
+            continue
+        host, _, rest = mount.partition(":")
+        target = rest.partition(":")[0]
+        why = next((w for w in (_check_abs_path(host), _check_abs_path(target)) if w), None)
+        if why is None and target.rstrip("/") in RESERVED_MOUNTS:
+            why = f"{target} is flagops' own mount"
+        if why:
+            problems.append(
+                Problem(doc.where(join_pointer("/container/mounts", i)), f"{_show(mount)} ({why})",
+                         "/host/path:/container/path[:ro], absolute, without '..', not over "
+                         + ", ".join(sorted(RESERVED_MOUNTS)),
+                         "mount another path (the share, /models and /repos are always mounted)")
+            )
+    vendor = rel.get("vendor", "nvidia")
+    if isinstance(vendor, str) and vendor != "nvidia" and container.get("gpus", "all") == "all":
+        problems.append(
+            Problem(doc.where("/container/gpus" if "gpus" in container else "/vendor"),
+                     f"vendor {vendor} with container.gpus all" + ("" if "gpus" in container else " (the default)"),
+                     "container.gpus: none for a vendor other than nvidia (--gpus all is the NVIDIA "
+                     "container runtime)",
+                     "set container.gpus: none and pass the accelerator in container.devices")
+        )
+
+
+def _topology_self_check(doc: Doc, problems: list[Problem]) -> None:
+    """A catalog entry on its own: TP x PP fills exactly its nodes x GPUs."""
+    topo = _mapping(doc.data.get("topology"))
+    nodes, per_node = topo.get("nodes"), topo.get("gpus_per_node")
+    tp, pp = tp_pp(doc.data)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nodes, per_node, tp, pp)):
+        return
+    if tp * pp != nodes * per_node:
+        problems.append(
+            Problem(doc.where(_tp_pointer(doc)),
+                     f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} but topology "
+                     f"{nodes} nodes x {per_node} GPUs = {nodes * per_node}",
+                     "tensor_parallel_size x pipeline_parallel_size == topology.nodes x topology.gpus_per_node",
+                     "correct the parallel sizes or the topology")
+        )
+
+
+def _needs_problems(doc: Doc, inv: _Inventory, problems: list[Problem]) -> None:
+    """What the release needs of the inventory: its node count, GPUs per node, the devices
+    it passes to docker and its shared memory."""
+    rel = doc.data
+    name = rel.get("name")
+    topo = _mapping(rel.get("topology"))
+    nodes, per_node = topo.get("nodes"), topo.get("gpus_per_node")
+    hosts = inv.hosts
+    if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes != len(hosts):
+        listed = ", ".join(h for h, _, _ in hosts)
+        problems.append(
+            Problem(doc.where("/topology/nodes"),
+                     f"release {name} for {nodes} node{'s' if nodes != 1 else ''} but the inventory has "
+                     f"{len(hosts)} ({listed})",
+                     "one master plus workers hosts: as many as the release's topology.nodes",
+                     f"list {nodes} hosts, or pick a release for {len(hosts)} node{'s' if len(hosts) != 1 else ''} "
+                     "(flagops releases); a stand-in cluster overrides topology.nodes")
+        )
+    slot_type = inv.cluster.get("flagops_slot_type", ("gpu", None))[0]
+    if slot_type == "gpu" and isinstance(per_node, int) and not isinstance(per_node, bool):
+        for hname, _, hd in hosts:
+            s = hd.data.get("flagops_slots")
+            if isinstance(s, int) and not isinstance(s, bool) and s != per_node:
+                problems.append(
+                    Problem(hd.where("/flagops_slots"),
+                             f"flagops_slots {s} on {hname} but release {name} runs {per_node} GPUs per node",
+                             "each host's flagops_slots == the release's topology.gpus_per_node",
+                             f"set flagops_slots: {per_node} on hosts with {per_node} GPUs, or override "
+                             "topology.gpus_per_node and the parallel sizes")
+                )
+    container = _mapping(rel.get("container"))
+    devices = [d.split(":")[0] for d in container.get("devices") or [] if isinstance(d, str)]
+    for hname, _, hd in hosts:
+        have = hd.data.get("flagops_devices")
+        have = [h for h in have if isinstance(h, str)] if isinstance(have, list) else []
+        missing = [d for d in devices
+                   if not any(d == h.rstrip("/") or d.startswith(h.rstrip("/") + "/") for h in have)]
+        if missing:
+            problems.append(
+                Problem(hd.where("/flagops_devices"),
+                         f"{hname} without {', '.join(missing)} in flagops_devices"
+                         + (f" ({', '.join(have)})" if have else ""),
+                         f"every node to have the devices release {name} passes to docker (container.devices: "
+                         + ", ".join(devices) + ")",
+                         f"add flagops_devices: [{', '.join(missing)}] to the hosts that have them (e.g. "
+                         "InfiniBand: ls /dev/infiniband), or override container.devices")
+            )
+    need = size_bytes(container.get("shm_size")) if container.get("shm_size") is not None else None
+    if need:
+        for hname, _, hd in hosts:
+            have_s = hd.data.get("flagops_shm_size")
+            if isinstance(have_s, str) and (have_b := size_bytes(have_s)) is not None and have_b < need:
+                problems.append(
+                    Problem(hd.where("/flagops_shm_size"),
+                             f"/dev/shm of {have_s} on {hname} but release {name} needs "
+                             f"{container['shm_size']} (container.shm_size)",
+                             "each host's flagops_shm_size >= the release's container.shm_size "
+                             "(with --ipc=host the container uses the host's /dev/shm)",
+                             f"grow the host's /dev/shm (mount -o remount,size={container['shm_size']} /dev/shm) "
+                             "and update flagops_shm_size")
+                )
+
+
+def release_warnings(doc: Doc, release_file: str) -> list[Unverified]:
+    """One warning per ``unverified`` field that still holds the catalog's value (a field
+    the inventory overrode or deleted is the operator's own value and is not warned about)."""
+    out: list[Unverified] = []
+    for field, reason in _mapping(doc.data.get("unverified")).items():
+        ptr = field_pointer(field)
+        found, _ = _lookup(doc.data, ptr)
+        loc = doc.where(ptr)
+        if not found or loc.file != release_file or not isinstance(reason, str):
+            continue
+        out.append(Unverified(loc, field, reason))
+    return out
 
 
 # --------------------------------------------------------------------------- entry point
@@ -939,34 +1137,14 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
         problems.append(Problem(rel_loc, found, "a release name in all.vars",
                                 "add flagops_release: ernie45 to all.vars or pass --release"))
     if isinstance(release_name, str):
-        catalog = list_releases()
-        rel_path = catalog.get(release_name)
-        if rel_path is None:
-            hint = _did_you_mean(release_name, catalog)
-            problems.append(
-                Problem(rel_loc, f"release {_show(release_name)}",
-                         "a catalog release (" + ", ".join(sorted(catalog)) + ")",
-                         (f"did you mean {_show(hint)}?" if hint else "pick one of the catalog")
-                         + " (add catalogs with $FLAGOPS_CATALOG)")
-            )
-        else:
-            rel_doc, rel_parse = loader.load_doc(rel_path, _display_path(rel_path))
-            problems += rel_parse
-            if not rel_parse and isinstance(rel_doc.data, dict):
-                if rel_doc.data.get("name") != rel_path.stem:
-                    problems.append(
-                        Problem(rel_doc.where("/name"), f"name {_show(rel_doc.data.get('name'))}",
-                                 f"name: {rel_path.stem} (the file name)", "make them equal")
-                    )
-                if "flagops_release_overrides" in inv.cluster:
-                    master_doc = inv.hosts[0][2]
-                    merge_overrides(rel_doc, master_doc.data["flagops_release_overrides"], master_doc,
-                                    "/flagops_release_overrides")
-                problems += _schema_problems(rel_doc, "release", frozenset())
-                _release_problems(rel_doc, inv, problems)
-            elif not rel_parse:
-                problems.append(Problem(rel_doc.where(""), f"{_type_name(rel_doc.data)}",
-                                         "a release mapping", "see flagops/releases/ernie45.yaml"))
+        rel_doc, rel_path = _catalog_doc(release_name, rel_loc, problems)
+        if rel_doc is not None:
+            if "flagops_release_overrides" in inv.cluster:
+                master_doc = inv.hosts[0][2]
+                merge_overrides(rel_doc, master_doc.data["flagops_release_overrides"], master_doc,
+                                "/flagops_release_overrides")
+            problems += _schema_problems(rel_doc, "release", frozenset())
+            _release_problems(rel_doc, inv, problems)
 
     if problems:
         raise ConfigError(_sorted(problems))
@@ -996,4 +1174,62 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
         share_root=inv.cluster["flagops_share_root"][0].rstrip("/") or "/",
         container_name=inv.cluster["flagops_container_name"][0],
         slot_type=inv.cluster.get("flagops_slot_type", ("gpu", None))[0],
+        warnings=tuple(release_warnings(rel_doc, _display_path(rel_path))),
     )
+
+
+def _catalog_doc(name: str, where: Location, problems: list[Problem]) -> tuple[Doc | None, Path | None]:
+    """The catalog file of release ``name``, parsed, its name checked; (None, path-or-None)
+    with the problems appended when it is unknown or unreadable."""
+    catalog = list_releases()
+    path = catalog.get(name)
+    if path is None:
+        hint = _did_you_mean(name, catalog)
+        problems.append(
+            Problem(where, f"release {_show(name)}",
+                     "a catalog release (" + ", ".join(sorted(catalog)) + ")",
+                     (f"did you mean {_show(hint)}?" if hint else "pick one of the catalog")
+                     + " (add catalogs with $FLAGOPS_CATALOG)")
+        )
+        return None, None
+    doc, parse = loader.load_doc(path, _display_path(path))
+    problems += parse
+    if parse:
+        return None, path
+    if not isinstance(doc.data, dict):
+        problems.append(Problem(doc.where(""), f"{_type_name(doc.data)}",
+                                "a release mapping", "see flagops/releases/ernie45.yaml"))
+        return None, path
+    if doc.data.get("name") != path.stem:
+        problems.append(
+            Problem(doc.where("/name"), f"name {_show(doc.data.get('name'))}",
+                     f"name: {path.stem} (the file name)", "make them equal")
+        )
+    return doc, path
+
+
+@dataclass(frozen=True)
+class Release:
+    """A catalog entry validated on its own (no inventory): what `flagops releases` shows."""
+
+    name: str
+    file: Path
+    data: dict[str, Any]
+    warnings: tuple[Unverified, ...]
+
+
+def load_release(name: str) -> Release:
+    """Load and validate catalog release ``name`` without an inventory.
+
+    Raises:
+        ConfigError: unknown name (the problem lists the catalog) or an invalid entry.
+    """
+    problems: list[Problem] = []
+    doc, path = _catalog_doc(name, Location("<command line>", 1, 1, "/NAME"), problems)
+    if doc is not None:
+        problems += _schema_problems(doc, "release", frozenset())
+        _release_problems(doc, None, problems)
+    if problems:
+        raise ConfigError(_sorted(problems))
+    assert doc is not None and path is not None
+    return Release(name, path, doc.data, tuple(release_warnings(doc, _display_path(path))))

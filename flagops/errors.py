@@ -78,6 +78,31 @@ class Problem:
         }
 
 
+@dataclass(frozen=True)
+class Unverified:
+    """A release value its sources leave unstated or contradict (the release's
+    ``unverified`` map): a warning, never an error."""
+
+    location: Location
+    field: str  # dotted, as written in the release's unverified map
+    reason: str
+
+    def __str__(self) -> str:
+        return printable(f"{self.location}: warning: {self.field} is unverified: {self.reason}")
+
+    def to_dict(self) -> dict[str, object]:
+        loc = self.location
+        return {
+            "file": printable(loc.file),
+            "line": loc.line,
+            "col": loc.col,
+            "pointer": printable(loc.pointer),
+            "field": printable(self.field),
+            "reason": printable(self.reason),
+            "message": str(self),
+        }
+
+
 class FlagopsError(Exception):
     """Base class of errors the CLI reports without a traceback (exit status `exit_code`)."""
 

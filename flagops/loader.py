@@ -289,6 +289,8 @@ class Doc:
     data: Any
     values: dict[str, Location] = field(default_factory=dict)
     keys: dict[str, Location] = field(default_factory=dict)
+    # Pointers an override removed (null, or a mapping replaced by a scalar).
+    deleted: set[str] = field(default_factory=set)
 
     def where(self, pointer: str, *, key: bool = False) -> Location:
         if key and pointer in self.keys:

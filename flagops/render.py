@@ -87,7 +87,36 @@ def contract(cfg: Config) -> dict[str, Any]:
         # A complete Ray cluster: one alive node per inventory host, each with this resource.
         "ray_nodes": len(cfg.hosts),
         "ray_resource": "GPU" if cfg.slot_type == "gpu" else "CPU",
+        # FlagScale reaches workers by ssh from the master container; one node has none.
+        "ssh_trust": len(cfg.hosts) > 1,
+        "docker": container_settings(cfg),
     }
+
+
+# The runbook's docker run, for a release that leaves a setting out.
+CONTAINER_DEFAULTS: dict[str, Any] = {
+    "privileged": True,
+    "gpus": "all",
+    "shm_size": "32G",
+    "ipc": "host",
+    "network": "host",
+    "ulimits": {},
+    "devices": [],
+    "mounts": [],
+    "env": {},
+    "cap_add": [],
+    "security_opt": ["seccomp=unconfined"],
+    "group_add": [],
+}
+
+
+def container_settings(cfg: Config) -> dict[str, Any]:
+    """The release's ``container`` with defaults filled in, as roles/container takes it:
+    the docker run flags are data of the release, never per-release code. ``gpus`` is
+    the NVIDIA runtime request, so a cpu-slot inventory (the lab) makes none."""
+    settings = {**CONTAINER_DEFAULTS, **(cfg.release.get("container") or {})}
+    settings["gpus"] = settings["gpus"] == "all" and cfg.slot_type == "gpu"
+    return settings
 
 
 def hostfile_text(cfg: Config) -> str:
@@ -99,23 +128,31 @@ def hostfile_text(cfg: Config) -> str:
 
 
 def serve_config(cfg: Config) -> dict[str, Any]:
-    """serve.yaml as a mapping, in the key order of FlagScale's example."""
+    """serve.yaml as a mapping, in the key order of FlagScale's example.
+
+    One node: the hostfile still has its one line (FlagScale starts the Ray head there, so
+    the Ray checks hold), but ``runner.docker`` and ``runner.ssh_port`` are left out:
+    FlagScale 0.8.0 reads them only for the ``ssh ... docker exec`` lines of
+    ``nodes[1:]``, of which there are none.
+    """
     rel = cfg.release
     fs = rel["flagscale"]
     runner = rel["runner"]
+    runner_cfg: dict[str, Any] = {
+        "hostfile": f"{conf_dir(cfg)}/hostfile.txt",
+        # nnodes/nproc_per_node are ignored by the SSH serve path (slots come from the
+        # hostfile) but FlagScale's example carries them; keep them truthful.
+        "nnodes": len(cfg.hosts),
+        "nproc_per_node": cfg.master.slots,
+    }
+    if cfg.workers:
+        runner_cfg["docker"] = cfg.container_name
+        runner_cfg["ssh_port"] = cfg.ssh_port
     experiment: dict[str, Any] = {
         "exp_name": fs["exp_name"],
         "exp_dir": "outputs/${experiment.exp_name}",
         "task": {"type": "serve"},
-        "runner": {
-            "hostfile": f"{conf_dir(cfg)}/hostfile.txt",
-            # nnodes/nproc_per_node are ignored by the SSH serve path (slots come from the
-            # hostfile) but FlagScale's example carries them; keep them truthful.
-            "nnodes": len(cfg.hosts),
-            "nproc_per_node": cfg.master.slots,
-            "docker": cfg.container_name,
-            "ssh_port": cfg.ssh_port,
-        },
+        "runner": runner_cfg,
         "deploy": dict(runner["deploy"]),
         "envs": dict(runner.get("envs") or {}),
     }
@@ -140,9 +177,13 @@ def serve_entry(cfg: Config) -> list[dict[str, Any]]:
 def render_files(cfg: Config) -> dict[str, str]:
     """Return ``{path relative to examples/<example>/conf: file text}`` for the three files."""
     variant = cfg.release["flagscale"]["variant"]
+    what = "FlagScale serve experiment"
+    if not cfg.workers:
+        what += ("\n# One node: no runner.docker / runner.ssh_port and no SSH trust; FlagScale"
+                 " starts the Ray head here and writes no ssh command.")
     return {
         "hostfile.txt": hostfile_text(cfg),
-        "serve.yaml": _header(cfg, "FlagScale serve experiment") + _dump(serve_config(cfg)),
+        "serve.yaml": _header(cfg, what) + _dump(serve_config(cfg)),
         f"serve/{variant}.yaml": _header(cfg, "FlagScale serve entry") + _dump(serve_entry(cfg)),
     }
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from flagscale.runner.utils import parse_hostfile
 from flagscale.utils import flatten_dict_to_args
@@ -38,6 +40,7 @@ def read(conf_dir: str) -> dict:
     envs = resolved["experiment"].get("envs", {})
     exports = " && ".join(f"export {k}={v}" for k, v in envs.items() if k != "nodes_envs")
     return {
+        "run_script": run_script(resolved, resources),
         "config": resolved,
         "hydra_run_dir": OmegaConf.to_container(OmegaConf.create({"d": hydra_run_dir}), resolve=True)["d"]
         if hydra_run_dir is not None else None,
@@ -47,6 +50,25 @@ def read(conf_dir: str) -> dict:
         "exports": exports,
         "false_flag": flatten_dict_to_args({"enforce_eager": False, "no_enable_prefix_caching": True}),
     }
+
+
+def run_script(resolved: dict, resources: dict) -> str:
+    """The master's host_0_localhost_run.sh, written by FlagScale's own generator from the
+    config SSHServeRunner._prepare builds (nodes = the parsed hostfile); nothing is run."""
+    from flagscale.runner.runner_serve import _generate_run_script_serve
+
+    out = tempfile.mkdtemp(prefix="flagscale-probe-")
+    config = OmegaConf.create(resolved)
+    OmegaConf.set_struct(config, False)
+    config.logging = {"log_dir": f"{out}/logs", "scripts_dir": f"{out}/scripts", "pids_dir": f"{out}/pids"}
+    if resources:
+        config["nodes"] = list(resources.items())
+    path = _generate_run_script_serve(config, "localhost", 0, "python flagscale/serve/run_inference_engine.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

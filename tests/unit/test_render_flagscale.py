@@ -23,8 +23,9 @@ from flagops import config, render
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("flagscale_probe.py")
-# What flagscale/runner/utils.py (parse_hostfile) and the Hydra compose import.
-FLAGSCALE_RUNTIME = ["hydra-core>=1.3,<1.4", "omegaconf>=2.3,<2.4", "aiohttp", "numpy", "tqdm"]
+# What flagscale/runner/utils.py (parse_hostfile), runner_serve.py (the run script
+# generator) and the Hydra compose import.
+FLAGSCALE_RUNTIME = ["hydra-core>=1.3,<1.4", "omegaconf>=2.3,<2.4", "aiohttp", "numpy", "tqdm", "psutil"]
 
 # The runbook, transcribed by hand (examples/ernie45/conf/* after its vim edits).
 RUNBOOK_SERVE_ENTRY = {
@@ -90,7 +91,8 @@ def flagscale_site() -> Path:
 
 
 def _build_site(cache: Path, site: Path, marker: Path) -> None:
-    if not marker.exists():
+    ready = "ok " + " ".join(FLAGSCALE_RUNTIME) + "\n"  # a new runtime list rebuilds the cache
+    if not marker.exists() or marker.read_text() != ready:
         shutil.rmtree(site, ignore_errors=True)
         wheel_env = os.environ.get("FLAGOPS_FLAGSCALE_WHEEL")
         if wheel_env:
@@ -101,7 +103,7 @@ def _build_site(cache: Path, site: Path, marker: Path) -> None:
             wheel = next(dl.glob("flag_scale-0.8.0-*.whl"))
         _pip("install", "--no-deps", "--target", str(site), str(wheel))
         _pip("install", "--target", str(site), *FLAGSCALE_RUNTIME)
-        marker.write_text("ok\n")
+        marker.write_text(ready)
 
 
 def _flagscale_read(site: Path, root: Path, **conf_dirs: Path) -> dict[str, Any]:
@@ -239,18 +241,74 @@ def test_render_cli_writes_three_files(tmp_path: Path) -> None:
     assert (out / "hostfile.txt").read_text().splitlines()[-1] == "192.0.2.11 slots=8 type=gpu"
 
 
-@pytest.mark.parametrize("inventory", sorted((REPO / "inventories").glob("*.yaml")), ids=lambda p: p.stem)
+SHIPPED = sorted((REPO / "inventories").glob("*.yaml"))
+
+
+def _ssh_lines(script: str) -> list[str]:
+    return [ln for ln in script.splitlines() if ln.lstrip().startswith("ssh ")]
+
+
+@pytest.mark.parametrize("inventory", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_inventory_validates_and_flagscale_reads_it(
     inventory: Path, flagscale_site: Path, tmp_path: Path
 ) -> None:
+    """Every release x its example inventory (and the lab's): validate passes, render writes
+    the three files, and FlagScale 0.8.0's own parse_hostfile, Hydra compose and run-script
+    generator read them: every host in the hostfile, every worker reached by one
+    `ssh ... docker exec <container> ... ray start --address=<master>` line, a one-node
+    release with no ssh line at all."""
     cfg = config.load(inventory)
     root = tmp_path / "FlagScale"
     conf = root / render.conf_dir(cfg)
-    render.write(cfg, conf)
+    written = render.write(cfg, conf)
+    variant = cfg.release["flagscale"]["variant"]
+    assert sorted(p.relative_to(conf).as_posix() for p in written) == sorted(
+        ["hostfile.txt", "serve.yaml", f"serve/{variant}.yaml"])
     got = _flagscale_read(flagscale_site, root, inv=conf)["inv"]
     assert [h for h, _ in got["hosts"]] == [h.address for h in cfg.hosts]
     assert [info["slots"] for _, info in got["hosts"]] == [h.slots for h in cfg.hosts]
     assert {info["type"] for _, info in got["hosts"]} == {cfg.slot_type}
-    assert got["config"]["experiment"]["runner"]["docker"] == cfg.container_name
-    assert got["config"]["experiment"]["runner"]["ssh_port"] == cfg.ssh_port
-    assert got["vllm_command"][2] == f"/models/{cfg.release['model']['name']}"
+    runner = got["config"]["experiment"]["runner"]
+    assert runner["nnodes"] == len(cfg.hosts)
+    tp, pp = config.tp_pp(cfg.release)
+    command = got["vllm_command"]
+    assert command[2] == f"/models/{cfg.release['model']['name']}"
+    assert command[command.index("--tensor-parallel-size") + 1] == str(tp)
+    assert ("--pipeline-parallel-size" not in command and pp == 1) or (
+        command[command.index("--pipeline-parallel-size") + 1] == str(pp))
+    assert tp * pp == cfg.total_slots
+    script = got["run_script"]
+    resource = "gpus" if cfg.slot_type == "gpu" else "cpus"
+    head = [ln for ln in script.splitlines() if "ray_path} start --head" in ln]
+    assert len(head) == 1 and f"--num-{resource}={cfg.master.slots}" in head[0]
+    ssh = _ssh_lines(script)
+    if not cfg.workers:
+        assert "docker" not in runner and "ssh_port" not in runner
+        assert ssh == [], ssh
+        return
+    assert (runner["docker"], runner["ssh_port"]) == (cfg.container_name, cfg.ssh_port)
+    for worker in cfg.workers:
+        starts = [ln for ln in ssh if f" {worker.address} " in ln and "start --address=" in ln]
+        assert len(starts) == 1, (worker, ssh)
+        assert starts[0].startswith(f"ssh -n -p {cfg.ssh_port} {worker.address} ")
+        assert f"docker exec {cfg.container_name} " in starts[0]
+        assert f"start --address={cfg.master.address}:" in starts[0]
+        assert f"--num-{resource}={worker.slots}" in starts[0]
+    # one ray stop and one ray start per worker, nothing else over ssh
+    assert len(ssh) == 2 * len(cfg.workers)
+
+
+def test_every_release_has_an_example_inventory() -> None:
+    """The catalog and inventories/ stay in step: each release ships a validating example."""
+    from flagops.loader import load_doc
+
+    examples: dict[str, list[str]] = {}
+    for inv in SHIPPED:
+        doc, _ = load_doc(inv, inv.name)
+        name = ((doc.data or {}).get("all", {}).get("vars") or {}).get("flagops_release")
+        examples.setdefault(str(name), []).append(inv.stem)
+    assert set(config.list_releases()) <= set(examples), examples
+    for name in config.list_releases():
+        topo = config.load_release(name).data["topology"]
+        sizes = {len(config.load(REPO / "inventories" / f"{stem}.yaml").hosts) for stem in examples[name]}
+        assert topo["nodes"] in sizes, (name, sizes)
