@@ -29,7 +29,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -367,7 +366,7 @@ class Nodes:
         names = list(hosts) if hosts is not None else list(self.hosts)
         cmd = shlex.join(argv)
 
-        def attempt(name: str) -> Result:
+        def one(name: str) -> Result:
             try:
                 r = self._connection(self.hosts[name]).run(
                     cmd, hide=True, warn=True, timeout=timeout or 30, in_stream=False
@@ -381,31 +380,10 @@ class Nodes:
                     name, 255, "", f"ssh to {self.hosts[name].address}:{self.hosts[name].port}: {kind}: {exc}"
                 )
 
-        def one(name: str) -> Result:
-            # A session that failed to come up (a loaded sshd dropping the handshake, "No
-            # existing session") is retried once on a new connection, as Ansible's ssh retries
-            # do; a command that ran and failed, or timed out, is reported as it is.
-            res = attempt(name)
-            if res.rc == 255 and res.stderr.startswith("ssh to ") and self._drop_dead(name):
-                time.sleep(0.5)
-                res = attempt(name)
-            return res
-
         if len(names) == 1:
             return {names[0]: one(names[0])}
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             return dict(zip(names, pool.map(one, names), strict=True))
-
-    def _drop_dead(self, name: str) -> bool:
-        """Forget ``name``'s connection if its ssh session is down; True when one was dropped."""
-        with self._lock:
-            conn = self._conns.get(name)
-            if conn is None or conn.is_connected:
-                return False
-            del self._conns[name]
-        with contextlib.suppress(Exception):
-            conn.close()
-        return True
 
     def docker_exec(
         self, argv: Sequence[str], hosts: Sequence[str] | None = None, timeout: float | None = None
