@@ -1,5 +1,6 @@
-"""The lab's memory and deploy time at 1, 2 and 4 nodes: peak and steady state through
-provision, deploy, verify and bench.
+"""The lab's memory and deploy time to SERVING at 1, 2 and 4 nodes.
+
+Peak and steady state through provision, deploy, verify and bench.
 
 A sampler thread reads, every --interval seconds:
 - each lab node's memory cgroup: usage minus inactive page cache (what `docker stats`
@@ -14,14 +15,15 @@ otherwise the generated $FLAGOPS_HOME/lab/inventory.yaml, PP = N), then the phas
 provision, stop (so deploy starts the service from nothing), deploy (its wall time is the
 time to SERVING: deploy returns once the staged readiness passed), verify (the
 output-consistency agreement against the PP=1 reference is recorded), verify --bench,
-then --idle seconds serving. A size other than 2 last: the default lab is restored
-(lab up, provision, deploy on inventories/lab.yaml) unless --no-restore.
+then --idle seconds serving. Unless the run ends with 2 measured (the default order
+1 4 2 does), the default lab is restored (lab up, provision, deploy on inventories/lab.yaml),
+also after a failure; --no-restore leaves it as it is.
 
 Writes bench/results/lab_memory.json: ``sizes`` keyed by N (a run of some sizes keeps the
 others' earlier figures), ``curve`` one row per size. Goals: the lab serving <= 8 GiB at
 1 and 2 nodes, <= 16 GiB at 4.
 
-    python bench/lab_memory.py [--nodes 1 2 4] [--interval 0.5] [--idle 20] [--no-restore]
+    python bench/lab_memory.py [--nodes 1 4 2] [--interval 0.5] [--idle 20] [--no-restore]
 """
 
 from __future__ import annotations
@@ -121,11 +123,11 @@ class Sampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
 
-def flagops(*args: str) -> tuple[float, str]:
+def flagops(*args: str, check: bool = True) -> tuple[float, str]:
     """Run the real CLI; (wall seconds, stdout)."""
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "flagops", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
+    if check and done.returncode != 0:
         tail = done.stdout[-2000:] + done.stderr[-2000:]
         raise SystemExit(f"flagops {' '.join(args)} exited {done.returncode}:\n{tail}")
     return time.monotonic() - t0, done.stdout
@@ -150,13 +152,16 @@ def measure(paths: LabPaths, count: int, inventory: Path, interval: float, idle:
                            ("deploy", ("deploy", "ernie45", "-i", inv)), ("verify", ("verify", "-i", inv, "--json")),
                            ("bench", ("verify", "-i", inv, "--bench", "--only", "service.health"))):
             sampler.phase = phase
-            wall, out = flagops(*cmd)
+            wall, out = flagops(*cmd, check=phase != "verify")  # a failing check is a figure too
             walls[phase] = round(wall, 1)
             if phase == "verify":
-                by = {c["name"]: c for c in json.loads(out)["checks"]}
+                doc = json.loads(out)
+                by = {c["name"]: c for c in doc["checks"]}
                 oc, ray = by["output.consistency"], by["cluster.ray"]
                 consistency = {"status": oc["status"], "agreement_pct": oc.get("values", {}).get("agreement_pct"),
-                               "reason": oc["reason"], "ray_nodes": ray.get("values", {}).get("total")}
+                               "reason": oc["reason"], "ray_nodes": ray.get("values", {}).get("total"),
+                               "verify_ok": doc["ok"],
+                               "failed": {n: c["reason"] for n, c in by.items() if c["status"] == "fail"}}
         sampler.phase = "serving-idle"
         time.sleep(idle)
     finally:
@@ -209,8 +214,8 @@ def restore_default() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4], choices=range(1, nodes.MAX_NODES + 1),
-                        metavar="N", help="lab sizes to measure, in order (default: 1 2 4)")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 2], choices=range(1, nodes.MAX_NODES + 1),
+                        metavar="N", help="lab sizes to measure, in order (default: 1 4 2, ending on the default lab)")
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--idle", type=float, default=20.0)
     parser.add_argument("--no-restore", action="store_true",
@@ -224,17 +229,21 @@ def main() -> int:
     except (OSError, ValueError):
         old = {}
     sizes: dict[str, Any] = dict(old.get("sizes") or {})
+    default_serving = False  # the last thing done: the default lab provisioned and deployed
     try:
         for count in args.nodes:
+            default_serving = False
             up_s, inventory = lab_up(count)
             row = measure(paths, count, inventory, args.interval, args.idle)
             row["lab_up_s"] = round(up_s, 1)
             sizes[str(count)] = row
+            default_serving = count == nodes.DEFAULT_NODES
             print(f"{count} node(s): peak {row['lab_peak_gib']} GiB ({row['lab_peak_phase']}), "
                   f"deploy to SERVING {row['deploy_to_serving_s']} s, output consistency "
                   f"{row['output_consistency'].get('agreement_pct')} %", file=sys.stderr)
     finally:
-        if args.nodes[-1] != nodes.DEFAULT_NODES and not args.no_restore:
+        if not default_serving and not args.no_restore:
+            print("restoring the default lab (2 nodes, inventories/lab.yaml, deployed)", file=sys.stderr)
             restore_default()
 
     curve = [{"nodes": int(n), "lab_peak_gib": r["lab_peak_gib"], "lab_serving_idle_gib": r["lab_serving_idle_gib"],
