@@ -271,6 +271,7 @@ class Nodes:
         self._hops: dict[tuple[Hop, ...], Any] = {}  # jump connections, shared by the hosts behind them
         self._forwards: dict[tuple[str, str, int], _Forward] = {}
         self._lock = threading.RLock()
+        self._opening: dict[str, threading.Lock] = {}  # one per host: its connection opens once
 
     @property
     def master(self) -> Host:
@@ -334,6 +335,20 @@ class Nodes:
             self._conns[host.name] = conn
             return conn
 
+    def _opened(self, name: str) -> Any:
+        """The host's connection, open. Its callers run in parallel threads (status asks the
+        master for containers, Ray and the serve process at once); Fabric's ``open()`` is not
+        thread-safe: two threads both connect, the second replaces the client's transport
+        while the first authenticates on it, and paramiko fails with "No existing session".
+        So one thread per host opens it, the others wait; other hosts open in parallel."""
+        conn = self._connection(self.hosts[name])
+        with self._lock:
+            opening = self._opening.setdefault(name, threading.Lock())
+        with opening:
+            if not conn.is_connected:
+                conn.open()
+        return conn
+
     def via(self, name: str) -> str | None:
         """How the host is reached, for reports: ``ssh via root@bastion:22`` or None (direct)."""
         hops = self.jumps(name)
@@ -350,9 +365,8 @@ class Nodes:
         with self._lock:
             fwd = self._forwards.get(key)
             if fwd is None or not fwd.transport.is_active():
-                conn = self._connection(self.hosts[name])
                 try:
-                    conn.open()
+                    conn = self._opened(name)
                 except Exception:
                     # no ssh: an unreachable URL, so the HTTP checks report 'no answer'
                     return f"http://{shown}:{port}"
@@ -368,7 +382,7 @@ class Nodes:
 
         def one(name: str) -> Result:
             try:
-                r = self._connection(self.hosts[name]).run(
+                r = self._opened(name).run(
                     cmd, hide=True, warn=True, timeout=timeout or 30, in_stream=False
                 )
                 return Result(name, r.exited, r.stdout, r.stderr)
@@ -398,7 +412,7 @@ class Nodes:
 
     def fetch(self, host: str, remote: str, local: Path) -> bool:
         try:
-            self._connection(self.hosts[host]).get(remote, str(local))
+            self._opened(host).get(remote, str(local))
             return True
         except Exception:  # missing files are normal in a partial log bundle
             return False
