@@ -73,8 +73,9 @@ def verify(lab: Lab, inventory: str) -> dict[str, Any]:
     return by
 
 
-def stage_ips(lab: Lab) -> dict[str, str]:
-    """Pipeline stage -> address of the Ray node its worker actor runs on."""
+def worker_ips(lab: Lab) -> dict[str, str]:
+    """vLLM's Ray worker actors (named ``..._PP<rank>`` when PP > 1) -> the address of the
+    Ray node each runs on."""
     out = lab.ssh(
         nodes.NODES[0],
         "docker exec flagos bash -c 'source /opt/venvs/flagscale-inference/bin/activate && "
@@ -83,7 +84,7 @@ def stage_ips(lab: Lab) -> dict[str, str]:
     )
     actors_json, nodes_json = [chunk for chunk in out.split("\n") if chunk.strip().startswith("[")][:2]
     ip_of = {n["node_id"]: n["node_ip"] for n in json.loads(nodes_json)}
-    return {a["name"].rsplit("_", 1)[-1]: ip_of[a["node_id"]] for a in json.loads(actors_json)}
+    return {a["name"]: ip_of[a["node_id"]] for a in json.loads(actors_json)}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_one_node_serves_pp1_without_ssh_trust(sized: Lab, tmp_path: Path) -> No
     assert set(by["cluster.containers"]["values"]["hosts"]) == {"node1"}
     oc = by["output.consistency"]
     assert oc["status"] == "pass" and oc["values"]["agreement_pct"] == 100.0, oc["reason"]
-    assert stage_ips(sized) == {"PP0": "172.30.0.11"}
+    assert list(worker_ips(sized).values()) == ["172.30.0.11"]  # the one worker, on node1
     # FlagScale started everything locally: not one ssh command in its run script
     script = (sized.paths.share / RUN_SCRIPT).read_text()
     assert "ray start --head" in script and "ssh " not in script, script
@@ -128,7 +129,8 @@ def test_four_nodes_serve_pp4_one_stage_per_node(sized: Lab) -> None:
     assert set(by["cluster.containers"]["values"]["hosts"]) == {"node1", "node2", "node3", "node4"}
     oc = by["output.consistency"]
     assert oc["status"] == "pass" and oc["values"]["agreement_pct"] == 100.0, oc["reason"]
-    assert stage_ips(sized) == {f"PP{i}": f"172.30.0.{11 + i}" for i in range(4)}
+    stages = {name.rsplit("_", 1)[-1]: ip for name, ip in worker_ips(sized).items()}
+    assert stages == {f"PP{i}": f"172.30.0.{11 + i}" for i in range(4)}  # one stage per node, in order
     script = (sized.paths.share / RUN_SCRIPT).read_text()
     for ip in ("172.30.0.12", "172.30.0.13", "172.30.0.14"):
         assert f"ssh -n -p 22 {ip} " in script, f"no ssh to {ip} in the run script"
