@@ -113,7 +113,7 @@ def test_one_node_serves_pp1_without_ssh_trust(sized: Lab, tmp_path: Path) -> No
     assert list(worker_ips(sized).values()) == ["172.30.0.11"]  # the one worker, on node1
     # FlagScale started everything locally: not one ssh command in its run script
     script = (sized.paths.share / RUN_SCRIPT).read_text()
-    assert "ray start --head" in script and "ssh " not in script, script
+    assert "start --head" in script and "ssh " not in script, script
     # the committed reference is this PP=1 output: recorded afresh, the same token ids
     fresh = tmp_path / "pp1.json"
     sized.flagops("verify", "-i", inventory, "--record-reference", str(fresh))
