@@ -120,3 +120,23 @@ def test_cli_bad_sizes_exit_2_before_touching_anything(argv: list[str], needle: 
 def test_core_refuses_bastion_at_another_size(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="2-node lab only"):
         lab.up(LabPaths(tmp_path), lambda _line: None, bastion=True, count=3)
+
+
+def test_topology_nodes_follows_the_size_where_releases_state_it() -> None:
+    """A release schema with ``topology`` (validate compares topology.nodes with the hosts):
+    the resized lab overrides the node count, inserted or rewritten; never at two nodes."""
+    import yaml
+
+    four = lab.sized_inventory(LAB_YAML, 4, topology=True)
+    assert yaml.safe_load(four)["all"]["vars"]["flagops_release_overrides"]["topology"] == {"nodes": 4}
+    assert lab.sized_inventory(LAB_YAML, 2, topology=True) == LAB_YAML
+    assert "topology" not in yaml.safe_load(lab.sized_inventory(LAB_YAML, 4, topology=False))["all"]["vars"][
+        "flagops_release_overrides"]
+    stated = LAB_YAML.replace(
+        "    flagops_release_overrides:                 # deep-merged over flagops/releases/ernie45.yaml; "
+        "null deletes a key\n",
+        "    flagops_release_overrides:                 # deep-merged over flagops/releases/ernie45.yaml; "
+        "null deletes a key\n      topology:\n        gpus_per_node: 1\n        nodes: 2\n")
+    assert stated != LAB_YAML
+    one = yaml.safe_load(lab.sized_inventory(stated, 1, topology=True))
+    assert one["all"]["vars"]["flagops_release_overrides"]["topology"] == {"gpus_per_node": 1, "nodes": 1}
