@@ -53,8 +53,9 @@ test: setup lint
 test-lab: setup
 	$(PY) -m pytest tests/integration -q -x -p no:cacheprovider -m "not slow"
 
-# The slow proofs (a full PP=2 serving proof of the image, and the fault tests that
-# kill a container or a raylet and redeploy): about 10 minutes more on the lab.
+# The slow proofs (a full PP=2 serving proof of the image, the fault tests that
+# kill a container or a raylet and redeploy, the lab at 1 and 4 nodes): about 15 minutes
+# more on the lab.
 test-slow: setup
 	$(PY) -m pytest tests/integration -q -p no:cacheprovider -m slow
 

@@ -180,10 +180,12 @@ def _unlock_node(client: docker.DockerClient, node: nodes.Node) -> bool:
     return "changed=1" in out
 
 
-def close_ansible_masters(progress: Progress) -> None:
+def close_ansible_masters(progress: Progress, which: tuple[nodes.Node, ...] = nodes.NODES) -> None:
     """Ask Ansible's persistent ssh masters to the nodes to exit (``ssh -O exit``): OpenSSH 9.2's
     ControlPath hash ``%C`` leaves the jump host out, so a master opened in the other mode
-    would carry the next run past (or through) the bastion for its ControlPersist time."""
+    would carry the next run past (or through) the bastion for its ControlPersist time.
+    ``lab up --nodes N`` also calls it for the nodes it removes (a master to a removed
+    container would hang a later run until its keepalives give up)."""
     import shutil
     import subprocess
 
@@ -191,7 +193,7 @@ def close_ansible_masters(progress: Progress) -> None:
     cp = Path("~/.ansible/cp").expanduser()
     if not ssh or not cp.is_dir():
         return
-    for node in nodes.NODES:
+    for node in which:
         r = subprocess.run([ssh, "-O", "exit", "-o", f"ControlPath={cp}/%C", "-p", "22", f"root@{node.ip}"],
                            capture_output=True, text=True, timeout=10, check=False)
         if r.returncode == 0:

@@ -1,4 +1,4 @@
-"""`flagops lab up | down | status`: the local two-node lab (see docs/DESIGN.md, "Lab")."""
+"""`flagops lab up | down | status`: the local lab, 1 to 4 nodes (see docs/DESIGN.md, "Lab")."""
 
 from __future__ import annotations
 
@@ -24,23 +24,30 @@ def _emit(report: dict[str, Any], json_out: bool) -> None:
 
 @click.group()
 def lab() -> None:
-    """The local two-node lab: up, down, status."""
+    """The local lab (two nodes, or 1-4 with `up --nodes N`): up, down, status."""
 
 
 @lab.command()
 @click.option("--bastion", is_flag=True, help="Nodes reachable only through a jump host (172.30.0.10); "
               "use inventories/lab-bastion.yaml. Without it, `lab up` restores the default lab.")
+@click.option("--nodes", "count", type=click.IntRange(1, 4), default=2, show_default=True,
+              help="How many nodes (node1 = 172.30.0.11, ...). The inventory written to "
+              "$FLAGOPS_HOME/lab/inventory.yaml serves the tiny ERNIE with one pipeline stage per node "
+              "(PP=N); nodes beyond N are removed. 2 is inventories/lab.yaml.")
 @json_option
 @handle_errors
-def up(bastion: bool, json_out: bool) -> None:
+def up(bastion: bool, count: int, json_out: bool) -> None:
     """Build what is missing and start the lab (idempotent)."""
     from flagops.lab import lab as core
 
-    report = core.up(LabPaths.default(), _progress, bastion=bastion)
+    if bastion and count != 2:
+        raise click.BadParameter("bastion mode is the 2-node lab only (inventories/lab-bastion.yaml)",
+                                 param_hint="--nodes")
+    report = core.up(LabPaths.default(), _progress, bastion=bastion, count=count)
     _emit(report, json_out)
     if not json_out:
         click.echo(
-            f"lab up in {report['seconds']:.1f}s; inventory: {report['inventory']}; "
+            f"lab up ({count} node{'s' * (count > 1)}) in {report['seconds']:.1f}s; inventory: {report['inventory']}; "
             f"flagscale commit {report['flagscale_commit']}"
         )
 

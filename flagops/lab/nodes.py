@@ -1,4 +1,4 @@
-"""The two lab nodes: Docker-in-Docker containers that behave as hosts.
+"""The lab nodes: 1 to 4 Docker-in-Docker containers that behave as hosts (default 2).
 
 Each node is a container of the node image (``assets/node``) on the bridge network
 ``flagops-lab`` with a fixed address, its own sshd (root, key auth, host key pinned in
@@ -80,7 +80,24 @@ class Node:
         return f"flagops-lab-{self.hostname}"
 
 
-NODES = (Node("node1", "172.30.0.11"), Node("node2", "172.30.0.12"))
+MAX_NODES = 4
+DEFAULT_NODES = 2
+
+
+def lab_node(index: int) -> Node:
+    """Node ``index`` (1-based): hostname ``node<i>``, address ``172.30.0.<10+i>``."""
+    return Node(f"node{index}", f"172.30.0.{10 + index}")
+
+
+ALL_NODES = tuple(lab_node(i) for i in range(1, MAX_NODES + 1))
+NODES = ALL_NODES[:DEFAULT_NODES]  # the default lab: node1 172.30.0.11, node2 172.30.0.12
+
+
+def lab_nodes(count: int = DEFAULT_NODES) -> tuple[Node, ...]:
+    """The first ``count`` nodes (node1 is always the master); ``count`` is 1..MAX_NODES."""
+    if not 1 <= count <= MAX_NODES:
+        raise LabError(f"the lab has 1 to {MAX_NODES} nodes, not {count}")
+    return ALL_NODES[:count]
 
 
 # --------------------------------------------------------------------------- image
@@ -173,28 +190,28 @@ def host_key(paths: LabPaths, node: Node) -> Path:
     return paths.node_dir(node.hostname) / "ssh_host_ed25519_key"
 
 
-def ensure_ssh_keys(paths: LabPaths) -> None:
+def ensure_ssh_keys(paths: LabPaths, nodes: tuple[Node, ...] = NODES) -> None:
     """The lab's root key pair, one host key per node, and the known_hosts pinning them.
 
     Host keys live under ``<lab>/nodes/<node>/`` so a recreated node keeps its identity.
     """
     paths.ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
     _keygen(paths.ssh_key, "flagops-lab")
-    for node in NODES:
+    for node in nodes:
         _keygen(host_key(paths, node), f"root@{node.hostname}")
-    paths.known_hosts.write_text(known_hosts_text(paths))
+    paths.known_hosts.write_text(known_hosts_text(paths, nodes))
 
 
-def known_hosts_text(paths: LabPaths) -> str:
-    """One line per node, valid for its address, hostname and container name."""
+def known_hosts_text(paths: LabPaths, nodes: tuple[Node, ...] = NODES) -> str:
+    """One line per node of the lab, valid for its address, hostname and container name."""
     lines = []
-    for node in NODES:
+    for node in nodes:
         kind, key = host_key(paths, node).with_suffix(".pub").read_text().split()[:2]
         lines.append(f"{node.ip},{node.hostname},{node.container} {kind} {key}\n")
     return "".join(lines)
 
 
-def _node_files(paths: LabPaths, node: Node) -> bytes:
+def _node_files(paths: LabPaths, node: Node, nodes: tuple[Node, ...]) -> bytes:
     """A tar of the per-node secrets: host key, root's authorized_keys, key pair, known_hosts."""
     pub = paths.ssh_key.with_suffix(".pub").read_bytes()
     files = [
@@ -207,7 +224,7 @@ def _node_files(paths: LabPaths, node: Node) -> bytes:
         ("root/.ssh/authorized_keys", pub, 0o600),
         ("root/.ssh/id_ed25519", paths.ssh_key.read_bytes(), 0o600),
         ("root/.ssh/id_ed25519.pub", pub, 0o644),
-        ("root/.ssh/known_hosts", known_hosts_text(paths).encode(), 0o644),
+        ("root/.ssh/known_hosts", known_hosts_text(paths, nodes).encode(), 0o644),
     ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -231,7 +248,8 @@ def _find(client: docker.DockerClient, node: Node) -> docker.models.containers.C
         return None
 
 
-def _create(client: docker.DockerClient, image: str, paths: LabPaths, node: Node) -> None:
+def _create(client: docker.DockerClient, image: str, paths: LabPaths, node: Node,
+            nodes: tuple[Node, ...] = NODES) -> None:
     data_dir = paths.node_dir(node.hostname) / "docker"
     data_dir.mkdir(parents=True, exist_ok=True)
     paths.share.mkdir(parents=True, exist_ok=True)
@@ -259,29 +277,37 @@ def _create(client: docker.DockerClient, image: str, paths: LabPaths, node: Node
         labels={LAB_LABEL: "1", IMAGE_LABEL: image},
         stop_signal="SIGTERM",
     )
-    api.put_archive(created["Id"], "/", _node_files(paths, node))
+    api.put_archive(created["Id"], "/", _node_files(paths, node, nodes))
     # Recorded so `lab down` can clear the cgroup dirs this container leaves even if
     # someone removed the container by hand.
     (paths.node_dir(node.hostname) / "container-id").write_text(created["Id"])
     api.start(created["Id"])
 
 
-def ensure_nodes(client: docker.DockerClient, image: str, paths: LabPaths, progress: Progress) -> None:
-    """Create/start both nodes (recreating one of another image); wait for sshd and dockerd."""
-    for node in NODES:
+def ensure_nodes(client: docker.DockerClient, image: str, paths: LabPaths, progress: Progress,
+                 nodes: tuple[Node, ...] = NODES) -> tuple[Node, ...]:
+    """Create/start ``nodes`` (recreating one of another image), remove the lab's other
+    nodes (a smaller lab: flagops created them; their docker data dirs stay as a cache),
+    then wait for sshd and dockerd. Returns the nodes removed."""
+    extra = [n for n in ALL_NODES if n not in nodes and _find(client, n) is not None]
+    for node in extra:
+        _remove(client, paths, node)
+        progress(f"{node.container}: removed (the lab now has {len(nodes)} node{'s' * (len(nodes) > 1)})")
+    for node in nodes:
         found = _find(client, node)
         if found is not None and found.labels.get(IMAGE_LABEL) != image:
             progress(f"{node.container}: image changed, recreating")
             _remove(client, paths, node)
             found = None
         if found is None:
-            _create(client, image, paths, node)
+            _create(client, image, paths, node, nodes)
             progress(f"{node.container}: created ({node.ip})")
         elif found.status != "running":
             found.start()
             progress(f"{node.container}: started")
-    for node in NODES:
+    for node in nodes:
         wait_node(client, node)
+    return tuple(extra)
 
 
 def node_exec(client: docker.DockerClient, node: Node, argv: list[str]) -> tuple[int, str]:
@@ -330,9 +356,10 @@ def _remove(client: docker.DockerClient, paths: LabPaths, node: Node) -> tuple[b
 
 
 def remove_nodes(client: docker.DockerClient, paths: LabPaths, progress: Progress) -> None:
-    with ThreadPoolExecutor(len(NODES)) as pool:
-        removed = list(pool.map(lambda n: _remove(client, paths, n), NODES))
-    for node, (was, left) in zip(NODES, removed, strict=True):
+    """Remove every lab node, whatever size the lab had (node1..node4)."""
+    with ThreadPoolExecutor(len(ALL_NODES)) as pool:
+        removed = list(pool.map(lambda n: _remove(client, paths, n), ALL_NODES))
+    for node, (was, left) in zip(ALL_NODES, removed, strict=True):
         if was:
             progress(f"{node.container}: removed")
         if left:
@@ -366,10 +393,19 @@ def gc_cgroups(paths: LabPaths, node: Node) -> list[str]:
     return left
 
 
-def nodes_status(client: docker.DockerClient, paths: LabPaths) -> dict[str, dict[str, object]]:
+def nodes_status(client: docker.DockerClient, paths: LabPaths,
+                 nodes: tuple[Node, ...] = NODES) -> dict[str, dict[str, object]]:
+    """Each node of the lab (``nodes``), plus any other lab node still present (``extra``:
+    not part of the lab's size; it does not count towards the lab being up)."""
     out: dict[str, dict[str, object]] = {}
-    for node in NODES:
+    for node in ALL_NODES:
         container = _find(client, node)
+        if node not in nodes:
+            if container is not None:
+                out[node.hostname] = {"container": node.container, "ip": node.ip, "state": container.status,
+                                      "up": False, "extra": True,
+                                      "detail": f"not part of the {len(nodes)}-node lab (`lab up` removes it)"}
+            continue
         entry: dict[str, object] = {
             "container": node.container,
             "ip": node.ip,
