@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("flagops.service_cli:stop", "Stop the service (stop.yml)."),
     "verify": ("flagops.verify.cli:verify", "Run the verify checks against a running service."),
     "lab": ("flagops.lab.cli:lab", "The local two-node lab: up, down, status."),
+    "check": ("flagops.check_cli:check", "Read-only cluster checks from inside the containers (exit 1 on a failure)."),
 }
 
 
