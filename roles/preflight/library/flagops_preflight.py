@@ -140,13 +140,19 @@ def parse_topo(text):
     the first non-device column (CPU Affinity etc.). ANSI colour codes are dropped."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", text)
     lines = [l for l in clean.splitlines() if l.strip()]
+
+    def cells(line):
+        return [c.strip() for c in (line.split("\t") if "\t" in line else line.split())]
+
     header = None
     links, gpus = {}, []
     for line in lines:
-        cols = line.split()
+        cols = cells(line)
         if header is None:
-            if cols and cols[0].startswith("GPU"):
-                header = [c for c in cols if re.fullmatch(r"(GPU|NIC|mlx)\S*", c)]
+            if any(re.fullmatch(r"GPU\d+", c) for c in cols):
+                header = [c for c in cols if c]
+                header = header[:next((i for i, c in enumerate(header) if not re.fullmatch(r"(GPU|NIC)\d+", c)),
+                                      len(header))]
             continue
         if not cols or not re.fullmatch(r"GPU\d+", cols[0]):
             if cols and cols[0] == "Legend:":
