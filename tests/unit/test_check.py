@@ -85,7 +85,8 @@ def node_facts(name: str, ip: str, *, master: bool, serving: bool = True) -> dic
     }
     if master:
         res["master"] = {
-            "manifest": {"complete": True, "files": {"config.json": {"size": 100}, "model.safetensors": {"size": 5000}}},
+            "manifest": {"complete": True,
+                         "files": {"config.json": {"size": 100}, "model.safetensors": {"size": 5000}}},
             "service": {"pid": 40, "pid_start": "120"} if serving else None,
             "gcs_port": GCS if serving else None,
             "ray_nodes": [{"ip": "172.30.0.11", "state": "ALIVE", "resources": {"CPU": 1.0}},
@@ -172,7 +173,8 @@ def test_a_squatter_inside_our_container_is_not_ours(exp: check.Expect, healthy:
 
 def test_a_port_held_by_the_checks_own_listener_is_free(exp: check.Expect, healthy: dict[str, Any]) -> None:
     healthy["node2"]["container"]["own_ports"] = {"52365": "flagops-check-listener"}
-    healthy["node2"]["host"]["listeners"]["52365"] = [{"pid": 5, "cpid": 5, "cmdline": "python3 -", "ours_container": True}]
+    healthy["node2"]["host"]["listeners"]["52365"] = [{"pid": 5, "cpid": 5, "cmdline": "python3 -",
+                                                       "ours_container": True}]
     assert judged(exp, healthy) == []
 
 
@@ -439,7 +441,7 @@ def test_the_module_collects_host_and_container_facts(tmp_path: Path, fake_docke
         busy.close()
     c, h, m = res["container"], res["host"], res["master"]
     assert res["changed"] is False
-    assert c["python"] == "%d.%d.%d" % sys.version_info[:3] and "pytest" in c["dists"]
+    assert c["python"] == ".".join(map(str, sys.version_info[:3])) and "pytest" in c["dists"]
     assert c["weights"]["files"] == {"config.json": 2, "sub/w.bin": 10}  # no .flagops record, no .part
     assert c["own_ports"][str(mine)] == "flagops-check-listener"
     assert c["own_ports"][str(busy_port)].startswith("in use")

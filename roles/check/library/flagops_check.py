@@ -87,6 +87,7 @@ dist.destroy_process_group()
 listeners, held = [], {}
 for port in P.get("own_ports", []):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # never blocks a LISTEN socket
     try:
         s.bind(("0.0.0.0", port))
         s.listen(16)
@@ -101,9 +102,14 @@ def serve(sock):
     while not stop.is_set():
         try:
             conn, _ = sock.accept()
-            conn.close()
+        except OSError:
+            continue
+        try:  # let the prober close first: TIME_WAIT stays on its side, not on the pinned port
+            conn.settimeout(1.0)
+            conn.recv(1)
         except OSError:
             pass
+        conn.close()
 threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in listeners]
 for t in threads:
     t.start()
