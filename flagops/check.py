@@ -304,10 +304,9 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
                     bad.append("a process not visible to flagops (ss -ltnp on the host)")
                 elif not x.get("ours_container"):
                     bad.append(f"host pid {pid} outside {exp.container}: {x.get('cmdline', '?')[:160]}")
-                elif serving and pid in _tree(ours_by_node.get(n, set()), h):
-                    continue
-                elif serving and n == exp.master and spec["what"] == "engine API":
-                    continue  # the engine's API server is a child of the recorded serve process
+                elif serving and (pid in _tree(ours_by_node.get(n, set()), h)
+                                  or (cluster is not None and cluster in str(x.get("cmdline", "")))):
+                    continue  # the service's own process, or a Ray process of flagops' cluster
                 else:
                     bad.append(f"pid {x.get('cpid', pid)} in {exp.container} (host pid {pid}), not started by "
                                f"flagops: {x.get('cmdline', '?')[:160]}")

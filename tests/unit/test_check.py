@@ -529,3 +529,15 @@ def test_contract_serve_script_is_flagscale_s_run_script() -> None:
     c = render.contract(config.load(LAB))
     assert c["serve_script"].endswith("outputs/ernie45_300b/serve_logs/scripts/host_0_localhost_run.sh")
     assert c["serve_script"].startswith(c["share"] + "/repos/FlagScale/")
+
+
+def test_ray_processes_of_flagops_cluster_holding_pinned_ports_are_ours(exp: check.Expect,
+                                                                        healthy: dict[str, Any]) -> None:
+    """`ray start --head` leaves the dashboard and the client server re-parented to the
+    container's init: they are flagops' because they name its cluster's GCS address."""
+    healthy["node1"]["host"]["listeners"]["8265"] = [{
+        "pid": 160, "cpid": 16, "ours_container": True,
+        "cmdline": f"python dashboard.py --port=8265 --gcs-address=172.30.0.11:{GCS} --session-dir=/tmp/ray/s"}]
+    assert judged(exp, healthy) == []
+    healthy["node1"]["host"]["listeners"]["8265"][0]["cmdline"] = "python dashboard.py --gcs-address=10.9.9.9:6379"
+    assert [(f.node, f.check) for f in judged(exp, healthy)] == [("node1", "port_8265")]

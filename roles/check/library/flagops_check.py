@@ -248,7 +248,7 @@ def proc_info(pid, want_env=()):
         "cpid": nspid[-1],
         "ppid": int(fields[1]),
         "start": fields[19],
-        "cmdline": " ".join(x.decode(errors="replace") for x in raw.split(b"\0") if x)[:400],
+        "cmdline": " ".join(x.decode(errors="replace") for x in raw.split(b"\0") if x)[:2000],
     }
     if want_env:
         env = {}
