@@ -566,7 +566,7 @@ class Collector:
         if ev.get("event") != "runner_on_ok" or not isinstance(res, dict):
             return
         action = str(data.get("task_action", ""))
-        if action.endswith("flagops_check"):
+        if (action.endswith("flagops_check") or action.endswith("async_status")) and "host" in res:
             self.nodes[host] = res
         elif action.endswith("flagops_preflight") and "driver" in (res.get("facts") or {}):
             self.preflight["per_host"][host] = res["facts"]

@@ -541,3 +541,26 @@ def test_ray_processes_of_flagops_cluster_holding_pinned_ports_are_ours(exp: che
     assert judged(exp, healthy) == []
     healthy["node1"]["host"]["listeners"]["8265"][0]["cmdline"] = "python dashboard.py --gcs-address=10.9.9.9:6379"
     assert [(f.node, f.check) for f in judged(exp, healthy)] == [("node1", "port_8265")]
+
+
+def test_collector_reads_the_playbooks_events(exp: check.Expect) -> None:
+    got = check.Collector()
+    n1 = node_facts("node1", "172.30.0.11", master=True)
+    n2 = node_facts("node2", "172.30.0.12", master=False)
+    got({"event": "runner_on_ok", "event_data": {"host": "node1", "task_action": "flagops_check",
+                                                 "res": {"ansible_job_id": "1", "started": 1}}})
+    got({"event": "runner_on_ok", "event_data": {"host": "node1", "task_action": "ansible.builtin.async_status",
+                                                 "res": dict(n1, finished=1)}})
+    got({"event": "runner_on_ok", "event_data": {"host": "node2", "task_action": "async_status",
+                                                 "res": dict(n2, finished=1)}})
+    got({"event": "runner_on_ok", "event_data": {"host": "node2", "task_action": "flagops_preflight",
+                                                 "res": {"facts": {"driver": None}, "failures": []}}})
+    got({"event": "runner_on_ok", "event_data": {"host": "node1", "task_action": "ansible.builtin.set_fact",
+                                                 "res": {"ansible_facts": {"preflight_report": {"failures": [
+                                                     {"host": "node2", "check": "docker", "found": "x",
+                                                      "required": "y", "fix": "z"}]}}}}})
+    rep = got.report(exp, 4.26)
+    assert set(got.nodes) == {"node1", "node2"} and rep.seconds == 4.26
+    assert [(f.node, f.check) for f in rep.failures] == [("node2", "preflight.docker")]
+    got({"event": "runner_on_unreachable", "event_data": {"host": "node2", "res": {"msg": "ssh: timed out"}}})
+    assert ("node2", "ssh") in [(f.node, f.check) for f in got.report(exp, 1).failures]
