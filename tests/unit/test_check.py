@@ -325,6 +325,8 @@ def test_unreachable_node_and_container_down(exp: check.Expect, healthy: dict[st
                 "node2": node_facts("node2", "172.30.0.12", master=False)}
     healthy2["node2"]["host"]["container"]["running"] = False
     assert [(f.node, f.check) for f in judged(exp, healthy2)] == [("node2", "container")]
+    _fails, passed, skipped = check.judge(exp, {"failures": []}, healthy2)
+    assert "parity" not in passed and "node2" in skipped["cluster"]
 
 
 def test_preflight_failures_are_reported_per_node(exp: check.Expect, healthy: dict[str, Any]) -> None:
