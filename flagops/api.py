@@ -14,6 +14,8 @@ arguments and prints these results.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +171,12 @@ def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state
     got = check_mod.Collector()
     run(cfg, "check", view=check_mod.QuietView(), on_event=got, on_takeover=on_takeover,
         flagops_extra={} if collective else {"collective": ""}, raise_on_failure=False)
-    return got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0)
+    report = got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0)
+    dump = os.environ.get("FLAGOPS_CHECK_FACTS")  # the raw facts, for debugging and test fixtures
+    if dump:
+        Path(dump).write_text(json.dumps({"nodes": got.nodes, "preflight": got.preflight,
+                                          "unreachable": got.unreachable}, indent=1, sort_keys=True, default=str))
+    return report
 
 
 def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[str, float] | None = None,
