@@ -10,7 +10,8 @@ Faults (all real, all on node2):
 - its view of the weights is an empty directory (a bind mount inside that container only);
 - a stray `ray start --head` in its container on a port flagops does not use;
 - with the service stopped (before a launch): a listener squatting Ray's pinned dashboard
-  agent port 52365 on the node, and `flagops deploy` refusing on it.
+  agent port 52365 on the node, and `flagops deploy` refusing on it; then node2's firewall
+  dropping node1's packets to that port (iptables, removed in ``finally``).
 
 Timings and messages go to ``$FLAGOPS_CHECK_OUT`` (JSON) when set; ``bench/check.py`` runs
 this file with it and writes ``bench/results/check.json``. Run alone:
@@ -223,17 +224,28 @@ def test_a_stray_ray_head_in_node2s_container(serving: Lab) -> None:
     assert json.loads(out)["state"] == "SERVING"
 
 
-def test_before_a_launch_a_squatted_pinned_port_refuses_deploy(serving: Lab) -> None:
+def test_before_a_launch_a_squatted_or_blocked_port_refuses_deploy(serving: Lab) -> None:
     """Stop the service (check is a pre-launch gate), squat Ray's dashboard agent port on
-    node2's host, check + deploy refuse and name it; then remove it and deploy again."""
+    node2's host, check + deploy refuse and name it; then node2's firewall drops node1's
+    packets to it; each removed, then deploy again (the lab is left SERVING)."""
     rc, out, err, _ = fo("stop", "-i", INV)
     assert rc == 0, err[-2000:]
-    squat = None
     try:
-        assert_healthy("healthy_stopped")
-        listener = ("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                    "s.bind((\"0.0.0.0\", 52365)); s.listen(); time.sleep(900)")
-        squat = serving.ssh(NODE2, f"nohup python3 -c '{listener}' >/dev/null 2>&1 & echo $!").strip()
+        _squatted_then_blocked(serving)
+    finally:
+        rc, out, err, took = fo("deploy", "ernie45", "-i", INV)
+        RESULTS.setdefault("port_squatted", {})["redeploy_s"] = round(took, 2)
+        assert rc == 0, f"redeploy failed:\n{out[-2000:]}\n{err[-2000:]}"
+    assert_healthy("healthy_after")
+
+
+def _squatted_then_blocked(lab: Lab) -> None:
+    assert_healthy("healthy_stopped")
+    squat = None
+    listener = ("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                "s.bind((\"0.0.0.0\", 52365)); s.listen(); time.sleep(900)")
+    try:
+        squat = lab.ssh(NODE2, f"nohup python3 -c '{listener}' >/dev/null 2>&1 & echo $!").strip()
         time.sleep(0.5)
         rc, doc, took = run_check()
         record("port_squatted", doc, took, ["port_52365"])
@@ -245,8 +257,15 @@ def test_before_a_launch_a_squatted_pinned_port_refuses_deploy(serving: Lab) -> 
         assert rc == 1 and "port_52365" in err
     finally:
         if squat:
-            serving.ssh(NODE2, f"kill {squat} 2>/dev/null; true")
-        rc, out, err, took = fo("deploy", "ernie45", "-i", INV)
-        RESULTS.setdefault("port_squatted", {})["redeploy_s"] = round(took, 2)
-        assert rc == 0, f"redeploy failed:\n{out[-2000:]}\n{err[-2000:]}"
-    assert_healthy("healthy_after")
+            lab.ssh(NODE2, f"kill {squat} 2>/dev/null; true")
+    # a blocked port: node2's firewall drops node1's packets to 52365
+    rule = f"INPUT -p tcp --dport 52365 -s {NODE1.ip} -j DROP"
+    lab.ssh(NODE2, f"iptables -I {rule}")
+    try:
+        rc, doc, took = run_check()
+        record("port_blocked", doc, took, ["port_52365"])
+        assert rc == 1
+        f = next(f for f in doc["failures"] if f["check"] == "port_52365.reach")
+        assert f["node"] == NODE1.hostname and "timeout" in f["found"] and NODE2.ip in f["found"]
+    finally:
+        lab.ssh(NODE2, f"iptables -D {rule}")
