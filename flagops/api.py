@@ -169,8 +169,11 @@ def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state
 
     t0 = time.monotonic()
     got = check_mod.Collector()
-    run(cfg, "check", view=check_mod.QuietView(), on_event=got, on_takeover=on_takeover,
-        flagops_extra={} if collective else {"collective": ""}, raise_on_failure=False)
+    rep = run(cfg, "check", view=check_mod.QuietView(), on_event=got, on_takeover=on_takeover,
+              flagops_extra={} if collective else {"collective": ""}, raise_on_failure=False)
+    if not rep.result.ok:
+        got.run_error = "; ".join(str(f.get("msg") or "").strip().splitlines()[0][:300]
+                                  for f in rep.result.failures if f.get("msg")) or f"rc={rep.result.rc}"
     report = got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0)
     dump = os.environ.get("FLAGOPS_CHECK_FACTS")  # the raw facts, for debugging and test fixtures
     if dump:

@@ -168,7 +168,8 @@ def _arg(proc: dict[str, Any], *keys: str) -> str | None:
 
 
 def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[str, Any]],
-          unreachable: dict[str, str] | None = None) -> tuple[list[Failure], list[str], dict[str, str]]:
+          unreachable: dict[str, str] | None = None,
+          run_error: str | None = None) -> tuple[list[Failure], list[str], dict[str, str]]:
     """Every failure on every node, the checks that passed, and the ones skipped (why).
 
     ``nodes``: inventory name -> the ``flagops_check`` module's result (host, container,
@@ -200,7 +201,12 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
     live: dict[str, dict[str, Any]] = {}
     for n in names:
         r = nodes.get(n)
-        if r is None or n in unreachable:
+        if n in unreachable:
+            continue
+        if r is None:
+            fail(n, "check_facts", "the check playbook returned no facts for this node"
+                 + (f": {run_error}" if run_error else ""), "the flagops_check module's result",
+                 "see the run's artifacts under $FLAGOPS_HOME/runs/artifacts/*-check-*")
             continue
         hc = (r.get("host") or {}).get("container") or {}
         if not hc.get("exists"):
@@ -559,6 +565,7 @@ class Collector:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.unreachable: dict[str, str] = {}
         self.preflight: dict[str, Any] = {"failures": [], "per_host": {}}
+        self.run_error: str | None = None  # the playbook's own failure (syntax, missing role)
 
     def __call__(self, ev: dict[str, Any]) -> None:
         data = ev.get("event_data") or {}
@@ -577,7 +584,7 @@ class Collector:
             self.preflight["failures"] = res["ansible_facts"]["preflight_report"].get("failures", [])
 
     def report(self, exp: Expect, seconds: float) -> CheckReport:
-        fails, passed, skipped = judge(exp, self.preflight, self.nodes, self.unreachable)
+        fails, passed, skipped = judge(exp, self.preflight, self.nodes, self.unreachable, self.run_error)
         return CheckReport(
             ok=not fails, failures=fails, passed=passed, skipped=skipped, seconds=round(seconds, 2),
             nodes={n: {"module_s": r.get("seconds"),

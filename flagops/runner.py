@@ -315,6 +315,10 @@ def _recap(stats: dict[str, Any]) -> dict[str, HostRecap]:
 # --------------------------------------------------------------------------- driver
 
 
+# Files ansible-runner reads from <private_data_dir>/env/ and lets override the run's kwargs.
+STALE_ENV_FILES = ("envvars", "cmdline", "extravars", "settings", "passwords", "ssh_key")
+
+
 def ansible_env() -> dict[str, str]:
     """Environment that makes ansible-playbook use this checkout's config and content."""
     # ansible-runner execs `ansible-playbook` from PATH: use the one next to this Python
@@ -429,7 +433,15 @@ def run_playbook(
         "rotate_artifacts": KEEP_RUNS,
         "ident": ident,
         "cmdline": cmdline,
+        # ansible-runner otherwise writes envvars/cmdline into runs/env/ on the first run and
+        # from then on lets that file override every later run's values: every checkout or
+        # installed flagops sharing this $FLAGOPS_HOME then ran the first one's ansible.cfg
+        # and roles (seen on the lab: a worktree's playbook with /tmp/ci's roles path).
+        "suppress_env_files": True,
     }
+    for stale in STALE_ENV_FILES:  # left by an earlier flagops (or another checkout); we hold the lock
+        with contextlib.suppress(FileNotFoundError):
+            (runs / "env" / stale).unlink()
     if tags:
         kwargs["tags"] = tags
     if skip_tags:

@@ -566,3 +566,12 @@ def test_collector_reads_the_playbooks_events(exp: check.Expect) -> None:
     assert [(f.node, f.check) for f in rep.failures] == [("node2", "preflight.docker")]
     got({"event": "runner_on_unreachable", "event_data": {"host": "node2", "res": {"msg": "ssh: timed out"}}})
     assert ("node2", "ssh") in [(f.node, f.check) for f in got.report(exp, 1).failures]
+
+
+def test_no_facts_at_all_is_a_failure_not_healthy(exp: check.Expect) -> None:
+    got = check.Collector()
+    got.run_error = "the role 'check' was not found"
+    rep = got.report(exp, 0.7)
+    assert not rep.ok
+    assert [(f.node, f.check) for f in rep.failures] == [("node1", "check_facts"), ("node2", "check_facts")]
+    assert "the role 'check' was not found" in rep.failures[0].found

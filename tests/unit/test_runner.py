@@ -202,3 +202,25 @@ def test_polled_progress_reaches_json_and_live_view(tmp_path: Path, local_invent
     final = [e for e in events if e.get("event") == "runner_on_ok" and e["event_data"]["task"].startswith("downl")]
     assert final and final[0]["event_data"]["res"]["finished"] is True
     assert not (tmp_path / "progress.json").exists()  # the poll removes the record with the job
+
+
+def test_each_run_uses_its_own_environment_not_a_stale_env_file(tmp_path: Path, local_inventory: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """ansible-runner lets <runs>/env/envvars (written by the first run of any flagops
+    sharing $FLAGOPS_HOME) override every later run's environment; flagops' run must not."""
+    from flagops import state
+
+    env_dir = state.runs_dir() / "env"
+    env_dir.mkdir(parents=True, exist_ok=True)
+    (env_dir / "envvars").write_text(json.dumps({"FLAGOPS_TEST_MARK": "stale", "ANSIBLE_ROLES_PATH": "/nowhere"}))
+    real = runner.ansible_env
+    monkeypatch.setattr(runner, "ansible_env", lambda: {**real(), "FLAGOPS_TEST_MARK": "this-run"})
+    pb = tmp_path / "env.yml"
+    pb.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n    - name: mark\n"
+                  "      ansible.builtin.debug:\n        msg: \"{{ lookup('env', 'FLAGOPS_TEST_MARK') }}\"\n")
+    events: list[dict[str, Any]] = []
+    result = runner.run_playbook(str(pb), local_inventory, {}, json_out=True, on_event=events.append)
+    assert result.ok
+    msg = next(e["event_data"]["res"]["msg"] for e in events if e.get("event") == "runner_on_ok")
+    assert msg == "this-run"
+    assert not (env_dir / "envvars").exists()
