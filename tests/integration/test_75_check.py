@@ -195,14 +195,16 @@ STRAY = "/tmp/ray-flagops-check-stray"
 
 
 def _stray_pids(lab: Lab) -> list[int]:
-    out = in_container(lab, NODE2, f"grep -l -a -- {STRAY} /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true")
+    # [/] keeps grep (and the shell around it) from matching its own command line
+    out = in_container(lab, NODE2, f"grep -l -a -E -- '[/]{STRAY[1:]}' /proc/[0-9]*/cmdline 2>/dev/null "
+                                   "| cut -d/ -f3 || true")
     return sorted(int(x) for x in out.split() if x.isdigit())
 
 
 def test_a_stray_ray_head_in_node2s_container(serving: Lab) -> None:
     in_container(serving, NODE2, f"{VENV} && RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 ray start --head "
                                  f"--port=6390 --num-cpus=0 --include-dashboard=false --temp-dir={STRAY} "
-                                 "--dashboard-agent-listen-port=52399 --ray-client-server-port=10099 "
+                                 "--dashboard-agent-listen-port=52399 --ray-client-server-port=20099 "
                                  "--disable-usage-stats >/dev/null 2>&1", timeout=180)
     try:
         assert _stray_pids(serving), "the stray head did not start"
@@ -220,17 +222,30 @@ def test_a_stray_ray_head_in_node2s_container(serving: Lab) -> None:
             in_container(serving, NODE2, "kill " + " ".join(map(str, pids)) + " 2>/dev/null; sleep 2; kill -9 "
                          + " ".join(map(str, pids)) + " 2>/dev/null; rm -rf " + STRAY + "; true")
     assert _stray_pids(serving) == []
-    rc, out, err, _ = fo("status", "-i", INV, "--json", "--probe")
-    assert json.loads(out)["state"] == "SERVING"
+    assert_serving()
+
+
+def assert_serving(within_s: float = 30) -> None:
+    """SERVING, asked again for a while: `flagops status` now and then reports UNREACHABLE
+    on this loaded 2-core lab when an ssh session is refused ("No existing session")."""
+    deadline = time.monotonic() + within_s
+    while (state := json.loads(fo("status", "-i", INV, "--json", "--probe")[1])["state"]) != "SERVING":
+        RESULTS.setdefault("status_retries", {}).setdefault("states", []).append(state)
+        assert time.monotonic() < deadline, f"not SERVING but {state}"
+        time.sleep(2)
 
 
 def test_before_a_launch_a_squatted_or_blocked_port_refuses_deploy(serving: Lab) -> None:
     """Stop the service (check is a pre-launch gate), squat Ray's dashboard agent port on
     node2's host, check + deploy refuse and name it; then node2's firewall drops node1's
     packets to it; each removed, then deploy again (the lab is left SERVING)."""
-    rc, out, err, _ = fo("stop", "-i", INV)
-    assert rc == 0, err[-2000:]
     try:
+        rc, out, err, _ = fo("stop", "-i", INV)
+        # stop's own after-check can lose an ssh session; what counts is the state it left
+        deadline = time.monotonic() + 30
+        while (state := json.loads(fo("status", "-i", INV, "--json")[1])["state"]) != "STOPPED":
+            assert time.monotonic() < deadline, f"not STOPPED but {state} (stop rc {rc}: {err[-1500:]})"
+            time.sleep(2)
         _squatted_then_blocked(serving)
     finally:
         rc, out, err, took = fo("deploy", "ernie45", "-i", INV)
