@@ -87,7 +87,7 @@ def test_collection_tarball_installs_and_a_role_runs_from_a_plain_playbook(
     with tarfile.open(tarball) as tar:
         tops = {m.name.split("/")[0] for m in tar.getmembers()}
         roles = {m.name.split("/")[1] for m in tar.getmembers() if m.name.startswith("roles/") and "/" in m.name[6:]}
-    assert tops == {"MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "meta", "roles"}, tops
+    assert tops == {"MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "meta", "plugins", "roles"}, tops
     assert {"preflight", "weights", "serve"} <= roles
 
     coll = tmp_path / "collections"
