@@ -748,11 +748,17 @@ def canaries(lab: Lab) -> str:
     return " ".join(found)
 
 
+def _run_entries() -> set[Path]:
+    """One entry per ansible run: its artifact directory and its extra-vars file."""
+    runs = state.runs_dir()
+    return {p for sub in ("artifacts", "vars") if (runs / sub).is_dir() for p in (runs / sub).iterdir()}
+
+
 def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
     serving = lab  # needs no service: nothing may reach a host, whatever runs there
     state_before = status()["state"]
     assert canaries(serving) == ""
-    runs_before = set(state.runs_dir().iterdir())
+    runs_before = _run_entries()
     cases = []
     for i, where in enumerate(INJECTION_FIELDS):
         for j, payload in enumerate(PAYLOADS):
@@ -774,7 +780,7 @@ def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
                if not (rc == 2 and "; expected " in err and "lab-injected-" in err and "Traceback" not in err)]
     assert not slipped, slipped
     rejected = len(results)
-    assert set(state.runs_dir().iterdir()) == runs_before, "an ansible run started for a rejected inventory"
+    assert _run_entries() == runs_before, "an ansible run started for a rejected inventory"
     assert canaries(serving) == "", "a canary appeared: an injected command ran"
     # the same checks run on `status` and `verify`, which contact nodes without ansible
     inv = tmp_path / "lab-injected-status.yaml"
@@ -804,7 +810,7 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
     path = tmp_path / "lab-secrets.yaml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     env = dict(os.environ, FLAGOPS_REGISTRY_PASSWORD=password, MODELSCOPE_API_TOKEN=token)
-    runs_before = set(state.runs_dir().iterdir())
+    runs_before = _run_entries()
 
     # sample every process's argv while the runs go
     seen_ps: list[str] = []
@@ -846,10 +852,10 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
             if secret in snap:
                 leaks.append("process list: " + next(ln for ln in snap.splitlines() if secret in ln)[:200])
                 break
-        new_runs = [d for d in state.runs_dir().iterdir() if d not in runs_before]
-        assert len(new_runs) >= 3
+        new_runs = [d for d in _run_entries() if d not in runs_before]
+        assert len([d for d in new_runs if d.is_dir()]) >= 3
         for d in new_runs:
-            for f in d.rglob("*"):
+            for f in (d.rglob("*") if d.is_dir() else [d]):
                 if f.is_file() and secret.encode() in f.read_bytes():
                     leaks.append(f"artifact {f}")
         with tarfile.open(tmp_path / "logs.tgz") as tar:
