@@ -184,7 +184,7 @@ def measure(paths: LabPaths, count: int, inventory: Path, interval: float, idle:
     goal = GOAL_GIB[count]
     return {
         "nodes": count,
-        "inventory": inv,
+        "inventory": _shown(inv),
         "pipeline_parallel_size": count,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "samples": len(samples),
@@ -210,6 +210,15 @@ def restore_default() -> None:
     lab_up(nodes.DEFAULT_NODES)
     flagops("provision", str(INVENTORY))
     flagops("deploy", "ernie45", "-i", str(INVENTORY))
+
+
+def _shown(inv: str | Path) -> str:
+    """The inventory as a path any machine reads: relative to the checkout, or under $FLAGOPS_HOME."""
+    p = Path(inv).resolve()
+    home = LabPaths.default().root.parent.resolve()
+    if p.is_relative_to(REPO):
+        return str(p.relative_to(REPO))
+    return "$FLAGOPS_HOME/" + str(p.relative_to(home)) if p.is_relative_to(home) else p.name
 
 
 def main() -> int:

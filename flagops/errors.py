@@ -51,6 +51,9 @@ class Location:
     def __str__(self) -> str:
         return printable(f"{self.file}:{self.line}:{self.col}: {self.pointer or '/'}")
 
+    def to_dict(self) -> dict[str, object]:
+        return {"file": printable(self.file), "line": self.line, "col": self.col, "pointer": printable(self.pointer)}
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -65,12 +68,8 @@ class Problem:
         return printable(f"{self.location}: found {self.found}; expected {self.expected}; fix: {self.fix}")
 
     def to_dict(self) -> dict[str, object]:
-        loc = self.location
         return {
-            "file": printable(loc.file),
-            "line": loc.line,
-            "col": loc.col,
-            "pointer": printable(loc.pointer),
+            **self.location.to_dict(),
             "found": printable(self.found),
             "expected": printable(self.expected),
             "fix": printable(self.fix),
@@ -91,12 +90,8 @@ class Unverified:
         return printable(f"{self.location}: warning: {self.field} is unverified: {self.reason}")
 
     def to_dict(self) -> dict[str, object]:
-        loc = self.location
         return {
-            "file": printable(loc.file),
-            "line": loc.line,
-            "col": loc.col,
-            "pointer": printable(loc.pointer),
+            **self.location.to_dict(),
             "field": printable(self.field),
             "reason": printable(self.reason),
             "message": str(self),

@@ -340,7 +340,9 @@ def wait_node(client: docker.DockerClient, node: Node, timeout: float = 90.0) ->
         if ok:
             return detail
         if time.monotonic() > deadline:
-            raise LabError(f"{node.container} not ready after {timeout:.0f}s: {detail}")
+            _, log = node_exec(client, node, ["tail", "-n", "5", "/var/log/docker.log"])
+            raise LabError(f"{node.container} not ready after {timeout:.0f}s: {detail}\n"
+                           f"last lines of its /var/log/docker.log:\n{log.rstrip()}")
         time.sleep(0.5)
         container.reload()
 

@@ -13,6 +13,7 @@ import subprocess
 import textwrap
 from typing import TYPE_CHECKING
 
+import docker
 import pytest
 
 from flagops.lab import nodes
@@ -128,3 +129,22 @@ def test_up_again_is_warm_and_keeps_nodes(lab: Lab) -> None:
     report = json.loads(lab.flagops("lab", "up", "--json").stdout)
     assert report["seconds"] <= 30, report["steps"]
     assert _node_identity(lab) == before
+
+
+def test_up_restarts_a_node_that_was_killed_with_containers_running(lab: Lab) -> None:
+    """An unclean stop (a host crash, a machine restored from a snapshot) leaves the last
+    boot's containerd pid file and sockets in the node's /run; `lab up` must still bring
+    the node back, and its dockerd must restart the containers that have a restart policy."""
+    probe = "flagops-test-killed-node-probe"
+    lab.ssh(NODE1, f"docker rm -f {probe} >/dev/null 2>&1 || true")
+    lab.ssh(NODE1, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    lab.ssh(NODE1, f"docker run -d --name {probe} --restart unless-stopped --entrypoint sleep "
+                   f"{quote(IMAGE_REF)} infinity")
+    try:
+        docker.from_env().containers.get(NODE1.container).kill()
+        report = json.loads(lab.flagops("lab", "up", "--json").stdout)
+        assert report["ok"], report["steps"]
+        state = lab.ssh(NODE1, f"docker inspect --format '{{{{.State.Running}}}}' {probe}")
+        assert state.strip() == "true"
+    finally:
+        lab.ssh(NODE1, f"docker rm -f {probe} >/dev/null 2>&1 || true")

@@ -87,7 +87,7 @@ def test_collection_tarball_installs_and_a_role_runs_from_a_plain_playbook(
     with tarfile.open(tarball) as tar:
         tops = {m.name.split("/")[0] for m in tar.getmembers()}
         roles = {m.name.split("/")[1] for m in tar.getmembers() if m.name.startswith("roles/") and "/" in m.name[6:]}
-    assert tops == {"MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "meta", "roles"}, tops
+    assert tops == {"MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "meta", "plugins", "roles"}, tops
     assert {"preflight", "weights", "serve"} <= roles
 
     coll = tmp_path / "collections"
@@ -111,8 +111,11 @@ def test_collection_tarball_installs_and_a_role_runs_from_a_plain_playbook(
     )
     empty_roles = tmp_path / "no-roles"
     empty_roles.mkdir()
-    # No flagops config, no roles path: the role can only come from the installed tarball.
-    env.update(ANSIBLE_ROLES_PATH=str(empty_roles), ANSIBLE_CONFIG=os.devnull, ANSIBLE_HOST_KEY_CHECKING="True",
+    # No flagops config (an empty one: ansible-core refuses /dev/null), no roles path: the role
+    # can only come from the installed tarball.
+    cfg = tmp_path / "ansible.cfg"
+    cfg.write_text("[defaults]\n")
+    env.update(ANSIBLE_ROLES_PATH=str(empty_roles), ANSIBLE_CONFIG=str(cfg), ANSIBLE_HOST_KEY_CHECKING="True",
                ANSIBLE_NOCOLOR="1")
     done = _run(["ansible-playbook", "-i", str(lab.paths.root / "inventory.yaml"), str(play)], tmp_path, env)
     recap = done.stdout[done.stdout.index("PLAY RECAP"):]

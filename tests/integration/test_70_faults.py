@@ -446,7 +446,8 @@ def test_weights_killed_midway_resumes(lab: Lab, paths: LabPaths, served_model: 
         lab.ssh(NODE1, "kill -9 " + " ".join(map(str, victims)))
         srv.release.set()
         proc.communicate(timeout=60)
-        have = {p.name: p.stat().st_size for p in host_dest.iterdir() if not p.name.startswith(".")}
+        have = {p.name: p.stat().st_size for p in host_dest.iterdir()
+                if not p.name.startswith(".") and not p.name.endswith(".part.state")}  # .state: the .part's byte record
         complete = {n for n in have if not n.endswith(".part")}
         assert part.name in have and 0 < size < next(f["size"] for f in files if f["path"] + ".part" == part.name)
         assert (host_dest / part.name.removesuffix(".part")).exists() is False, "a partial file was taken for complete"
@@ -656,15 +657,16 @@ def _children(pid: int) -> list[int]:
 
 def test_sigint_during_provision(serving: Lab) -> None:
     poll(lock_free, 600, 1, "the lock to be free")
-    runs_before = set(state.runs_dir().iterdir())
+    arts = state.runs_dir() / "artifacts"  # runs/artifacts/<ident>/job_events/ (one dir per run)
+    runs_before = set(arts.iterdir()) if arts.is_dir() else set()
     proc = subprocess.Popen([sys.executable, "-m", "flagops", "provision", INV],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         poll(lambda: (_holder() or {}).get("pid") == proc.pid, 30, 0.1, "provision to hold the lock")
         # mid-run: ansible-playbook is up and has reported a few tasks
         def events() -> int:
-            new = [d for d in state.runs_dir().iterdir() if d not in runs_before]
-            return sum(len(list(d.glob("artifacts/*/job_events/*.json"))) for d in new)
+            new = [d for d in arts.iterdir() if d not in runs_before] if arts.is_dir() else []
+            return sum(len(list(d.glob("job_events/*.json"))) for d in new)
         poll(lambda: events() >= 12, 60, 0.2, "provision to be running tasks")
         kids = _children(proc.pid)
         assert kids, "no ansible-playbook child"
@@ -746,11 +748,17 @@ def canaries(lab: Lab) -> str:
     return " ".join(found)
 
 
+def _run_entries() -> set[Path]:
+    """One entry per ansible run: its artifact directory and its extra-vars file."""
+    runs = state.runs_dir()
+    return {p for sub in ("artifacts", "vars") if (runs / sub).is_dir() for p in (runs / sub).iterdir()}
+
+
 def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
     serving = lab  # needs no service: nothing may reach a host, whatever runs there
     state_before = status()["state"]
     assert canaries(serving) == ""
-    runs_before = set(state.runs_dir().iterdir())
+    runs_before = _run_entries()
     cases = []
     for i, where in enumerate(INJECTION_FIELDS):
         for j, payload in enumerate(PAYLOADS):
@@ -772,7 +780,7 @@ def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
                if not (rc == 2 and "; expected " in err and "lab-injected-" in err and "Traceback" not in err)]
     assert not slipped, slipped
     rejected = len(results)
-    assert set(state.runs_dir().iterdir()) == runs_before, "an ansible run started for a rejected inventory"
+    assert _run_entries() == runs_before, "an ansible run started for a rejected inventory"
     assert canaries(serving) == "", "a canary appeared: an injected command ran"
     # the same checks run on `status` and `verify`, which contact nodes without ansible
     inv = tmp_path / "lab-injected-status.yaml"
@@ -802,7 +810,7 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
     path = tmp_path / "lab-secrets.yaml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     env = dict(os.environ, FLAGOPS_REGISTRY_PASSWORD=password, MODELSCOPE_API_TOKEN=token)
-    runs_before = set(state.runs_dir().iterdir())
+    runs_before = _run_entries()
 
     # sample every process's argv while the runs go
     seen_ps: list[str] = []
@@ -844,10 +852,10 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
             if secret in snap:
                 leaks.append("process list: " + next(ln for ln in snap.splitlines() if secret in ln)[:200])
                 break
-        new_runs = [d for d in state.runs_dir().iterdir() if d not in runs_before]
-        assert len(new_runs) >= 3
+        new_runs = [d for d in _run_entries() if d not in runs_before]
+        assert len([d for d in new_runs if d.is_dir()]) >= 3
         for d in new_runs:
-            for f in d.rglob("*"):
+            for f in (d.rglob("*") if d.is_dir() else [d]):
                 if f.is_file() and secret.encode() in f.read_bytes():
                     leaks.append(f"artifact {f}")
         with tarfile.open(tmp_path / "logs.tgz") as tar:

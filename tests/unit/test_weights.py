@@ -115,6 +115,14 @@ def test_check_diff_changes_nothing(ca: Path, model, tmp_path: Path) -> None:
     assert not dest.exists()
 
 
+def _recorded(state: Path) -> bool:
+    """Whether a .part.state records any bytes (it vanishes when its file completes)."""
+    try:
+        return any(state.read_bytes())
+    except FileNotFoundError:
+        return False
+
+
 def test_killed_midway_resumes_refetching_little(ca: Path, model, tmp_path: Path) -> None:
     root, files = model
     total = sum(SIZES.values())
@@ -131,7 +139,10 @@ def test_killed_midway_resumes_refetching_little(ca: Path, model, tmp_path: Path
                 doc = {}
             if doc:
                 seen.append(doc)
-            if doc.get("bytes_done", 0) >= total // 2:
+            # half way, with bytes of an unfinished file on disk (which files are in flight at the
+            # kill is the workers' race: wait until one of them has recorded bytes)
+            in_flight = dest.exists() and any(_recorded(st) for st in dest.rglob("*.part.state"))
+            if doc.get("bytes_done", 0) >= total // 2 and in_flight:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)

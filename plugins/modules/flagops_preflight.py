@@ -1,0 +1,1 @@
+../../roles/preflight/library/flagops_preflight.py

@@ -1,0 +1,1 @@
+../../roles/weights/library/flagops_weights_status.py
