@@ -161,7 +161,8 @@ def check(inventory: str | Path | None = None, release: str | None = None, *, co
     return run_check(load(inventory, release), collective=collective, **options)
 
 
-def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state.Holder], None] | None = None) -> Any:
+def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state.Holder], None] | None = None,
+              prelaunch: bool = False) -> Any:
     """playbooks/check.yml, quietly (it fails nothing), then every node judged together."""
     import time
 
@@ -174,7 +175,7 @@ def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state
     if not rep.result.ok:
         got.run_error = "; ".join(str(f.get("msg") or "").strip().splitlines()[0][:300]
                                   for f in rep.result.failures if f.get("msg")) or f"rc={rep.result.rc}"
-    report = got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0)
+    report = got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0, prelaunch=prelaunch)
     dump = os.environ.get("FLAGOPS_CHECK_FACTS")  # the raw facts, for debugging and test fixtures
     if dump:
         Path(dump).write_text(json.dumps({"nodes": got.nodes, "preflight": got.preflight,
@@ -196,7 +197,7 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
 
     t0 = time.monotonic()
     cfg = load(inventory, release)
-    pre = run_check(cfg, on_takeover=options.get("on_takeover"))
+    pre = run_check(cfg, on_takeover=options.get("on_takeover"), prelaunch=True)
     if on_check:
         on_check(pre)
     if not pre.ok and not force:

@@ -169,8 +169,13 @@ def _arg(proc: dict[str, Any], *keys: str) -> str | None:
 
 def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[str, Any]],
           unreachable: dict[str, str] | None = None,
-          run_error: str | None = None) -> tuple[list[Failure], list[str], dict[str, str]]:
+          run_error: str | None = None, prelaunch: bool = False) -> tuple[list[Failure], list[str], dict[str, str]]:
     """Every failure on every node, the checks that passed, and the ones skipped (why).
+
+    ``prelaunch``: deploy's check before it (re)launches; the checks of the running
+    service (Ray's node list) are then skipped, since the launch replaces what they see
+    (a record left by a service that died with its containers must not refuse the
+    deploy that restarts it).
 
     ``nodes``: inventory name -> the ``flagops_check`` module's result (host, container,
     master); ``preflight``: the preflight role's ``preflight_report``.
@@ -348,7 +353,9 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
              "RAY_CGRAPH_get_timeout exported before ray start (vLLM's own default does not take effect)",
              "add runner.envs.RAY_CGRAPH_get_timeout: 60 to the release")
     # ---------------------------------------------------------------- C1/C4 after start: Ray
-    if serving and cluster:
+    if prelaunch:
+        skipped["ray_nodes"] = "before a launch: deploy (re)starts Ray; its node list is checked by flagops check afterwards"
+    elif serving and cluster:
         for n, r in live.items():
             raylets = [p for p in r["host"].get("processes") or [] if p["pid"] in ours_by_node.get(n, set())
                        and p["kind"] == "raylet"]
@@ -583,8 +590,9 @@ class Collector:
         elif (res.get("ansible_facts") or {}).get("preflight_report"):
             self.preflight["failures"] = res["ansible_facts"]["preflight_report"].get("failures", [])
 
-    def report(self, exp: Expect, seconds: float) -> CheckReport:
-        fails, passed, skipped = judge(exp, self.preflight, self.nodes, self.unreachable, self.run_error)
+    def report(self, exp: Expect, seconds: float, *, prelaunch: bool = False) -> CheckReport:
+        fails, passed, skipped = judge(exp, self.preflight, self.nodes, self.unreachable, self.run_error,
+                                       prelaunch=prelaunch)
         return CheckReport(
             ok=not fails, failures=fails, passed=passed, skipped=skipped, seconds=round(seconds, 2),
             nodes={n: {"module_s": r.get("seconds"),

@@ -575,3 +575,17 @@ def test_no_facts_at_all_is_a_failure_not_healthy(exp: check.Expect) -> None:
     assert not rep.ok
     assert [(f.node, f.check) for f in rep.failures] == [("node1", "check_facts"), ("node2", "check_facts")]
     assert "the role 'check' was not found" in rep.failures[0].found
+
+
+def test_before_a_launch_a_dead_recorded_service_does_not_refuse_the_deploy(
+        exp: check.Expect, healthy: dict[str, Any]) -> None:
+    # The containers restarted (a node reboot): the record remains, Ray and its head are gone.
+    for n in ("node1", "node2"):
+        healthy[n]["host"]["processes"], healthy[n]["host"]["listeners"] = [], {}
+    healthy["node1"]["master"]["ray_nodes"] = None
+    healthy["node1"]["master"]["ray_nodes_error"] = "<urlopen error [Errno 111] Connection refused>"
+    on_demand = {f.check for f in judged(exp, healthy)}
+    assert on_demand == {"ray_nodes"}  # flagops check says the service is gone
+    fails, _passed, skipped = check.judge(exp, None, healthy, prelaunch=True)
+    assert fails == []  # deploy relaunches it
+    assert "before a launch" in skipped["ray_nodes"]
