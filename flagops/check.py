@@ -336,6 +336,23 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
                      f"{port} ({what}): {st}", "a TCP connection (open) within the probe window",
                      f"allow TCP {port} from {by_name[n]['address']} to {peer} (host firewall / security group); "
                      "Ray needs all TCP ports open between nodes")
+    # ---------------------------------------------------------------- FlagScale's ssh to the workers
+    ssh = (live.get(exp.master, {}).get("container") or {}).get("ssh")
+    if len(names) < 2:
+        skipped["ssh_trust"] = "one node: FlagScale's runner starts no worker over ssh"
+    elif ssh is None:
+        if exp.master in live:
+            skipped["ssh_trust"] = "the master's container reported no ssh probe"
+    else:
+        for peer, res in sorted(ssh.items()):
+            if not res.get("ok"):
+                why = res.get("error") or f"rc={res.get('rc')}"
+                fail(peer, "ssh_trust",
+                     f"{exp.master}'s container -> ssh -p {res.get('port')} {res.get('address')}: {why}",
+                     "FlagScale's runner logs in to every worker from the master's container (no password, "
+                     "pinned host key)",
+                     "flagops provision INVENTORY --tags ssh_trust (the worker lost the master container's key or "
+                     "changed its host key, e.g. a rebuilt node)")
     # ---------------------------------------------------------------- C4 collective, cgraph timeout
     coll = {n: (r.get("container") or {}).get("collective") for n, r in live.items()}
     if any(coll.values()):
@@ -354,7 +371,8 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
              "add runner.envs.RAY_CGRAPH_get_timeout: 60 to the release")
     # ---------------------------------------------------------------- C1/C4 after start: Ray
     if prelaunch:
-        skipped["ray_nodes"] = "before a launch: deploy (re)starts Ray; its node list is checked by flagops check afterwards"
+        skipped["ray_nodes"] = ("before a launch: deploy (re)starts Ray; its node list is checked by flagops check "
+                                "afterwards")
     elif serving and cluster:
         for n, r in live.items():
             raylets = [p for p in r["host"].get("processes") or [] if p["pid"] in ours_by_node.get(n, set())
@@ -520,8 +538,8 @@ def judge(exp: Expect, preflight: dict[str, Any] | None, nodes: dict[str, dict[s
                  f"flagops never kills what it did not start: stop it yourself, e.g. docker exec {exp.container} "
                  f"kill {p['cpid']} on {n} (or ray stop in the session that started it)")
 
-    all_checks = ["node_ip", "socket_ifname", "hostname", "port", "collective", "ray_cgraph_timeout", "ray_nodes",
-                  "infiniband", "parity", "dev_shm", "ulimit", "weights", "leftover"]
+    all_checks = ["node_ip", "socket_ifname", "hostname", "port", "ssh_trust", "collective", "ray_cgraph_timeout",
+                  "ray_nodes", "infiniband", "parity", "dev_shm", "ulimit", "weights", "leftover"]
     for chk in all_checks:
         if chk in skipped:
             continue

@@ -135,6 +135,24 @@ def test_hostname_resolving_to_loopback_in_node2s_container(serving: Lab) -> Non
     assert "127.0.1.1" not in in_container(serving, NODE2, f"getent hosts {NODE2.hostname}")
 
 
+def test_a_worker_that_lost_the_master_containers_key(serving: Lab) -> None:
+    """A rebuilt worker host: FlagScale's `ssh` from the master's container is refused, so the
+    worker's `ray start` would never run and the launch would hang; check names it first."""
+    keys = "/root/.ssh/authorized_keys"
+    backup = "/root/.flagops-check-authorized_keys.bak"
+    serving.ssh(NODE2, f"cp -p {keys} {backup} && grep -v flagops-master {backup} > {keys}")
+    try:
+        rc, doc, took = run_check()
+        record("ssh_trust_lost", doc, took, ["ssh_trust"])
+        assert rc == 1
+        assert ("node2", "ssh_trust") in failing(doc), failing(doc)
+        f = next(f for f in doc["failures"] if f["check"] == "ssh_trust")
+        assert "Permission denied" in f["found"] and "--tags ssh_trust" in f["fix"]
+    finally:
+        serving.ssh(NODE2, f"cat {backup} > {keys} && rm -f {backup}")
+    assert_healthy("healthy_after_ssh_trust")
+
+
 @pytest.fixture
 def wheels(serving: Lab) -> Iterator[str]:
     """filelock 4.3.2 (the lab's wheel server) and the image's 4.3.1, on shared storage."""

@@ -79,6 +79,8 @@ def node_facts(name: str, ip: str, *, master: bool, serving: bool = True) -> dic
             "own_ports": {},
             "probes": {("node2" if master else "node1"): {"52365": "open", **({} if master else {"30000": "open"})}},
             "collective": {"ok": True, "rc": 0, "seconds": 2.1, "backend": "gloo", "net": [], "tail": "ok"},
+            **({"ssh": {"node2": {"ok": True, "rc": 0, "error": "", "address": "172.30.0.12", "port": 22}}}
+               if master else {}),
         },
         "master": None,
         "allow_tcp": False,
@@ -435,7 +437,8 @@ def test_the_module_collects_host_and_container_facts(tmp_path: Path, fake_docke
     busy_port = busy.getsockname()[1]
     try:
         res = run_module(tmp_path, fake_docker, container="flagos", address="127.0.0.1", own_ports=[mine, busy_port],
-                         peers=[{"name": "me", "address": "127.0.0.1", "ports": [mine, theirs]}],
+                         peers=[{"name": "me", "address": "127.0.0.1", "ports": [mine, theirs], "ssh_port": theirs}],
+                         ssh_probe=True,
                          probe_window_s=1.0, model_path=str(models),
                          manifest_path=str(models / ".flagops-weights.json"), state_file=str(state),
                          serve_script=str(script), install_marker=str(tmp_path / "nokey"))
@@ -448,6 +451,8 @@ def test_the_module_collects_host_and_container_facts(tmp_path: Path, fake_docke
     assert c["own_ports"][str(mine)] == "flagops-check-listener"
     assert c["own_ports"][str(busy_port)].startswith("in use")
     assert c["probes"]["me"] == {str(mine): "open", str(theirs): "refused"}
+    assert c["ssh"]["me"]["ok"] is False and c["ssh"]["me"]["port"] == theirs  # no sshd there
+    assert "refused" in c["ssh"]["me"]["error"]
     assert c["hostname"] == socket.gethostname() and c["shm_bytes"] > 0
     assert set(c["ulimits"]) == {"nofile", "memlock", "stack"}
     assert c["install_key"] is None
@@ -589,3 +594,13 @@ def test_before_a_launch_a_dead_recorded_service_does_not_refuse_the_deploy(
     fails, _passed, skipped = check.judge(exp, None, healthy, prelaunch=True)
     assert fails == []  # deploy relaunches it
     assert "before a launch" in skipped["ray_nodes"]
+
+
+def test_a_worker_the_master_container_cannot_log_in_to(exp: check.Expect, healthy: dict[str, Any]) -> None:
+    # node2 was rebuilt: its authorized_keys no longer holds the master container's key.
+    healthy["node1"]["container"]["ssh"]["node2"].update(ok=False, rc=255,
+                                                        error="root@172.30.0.12: Permission denied (publickey).")
+    fails, passed, _ = check.judge(exp, None, healthy, prelaunch=True)  # deploy refuses before the launch
+    assert [(f.node, f.check) for f in fails] == [("node2", "ssh_trust")]
+    assert "Permission denied" in fails[0].found and "--tags ssh_trust" in fails[0].fix
+    assert "ssh_trust" not in passed

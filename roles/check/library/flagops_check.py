@@ -43,6 +43,7 @@ options:
   install_marker: {type: str, description: the FlagScale install key inside the container}
   collective: {type: dict, description: "{backend, master_addr, port, rank, world, timeout_s}; omitted: no all-reduce"}
   allow_tcp: {type: bool, default: false, description: "the inventory accepts NCCL over TCP on an IB host (echoed)"}
+  ssh_probe: {type: bool, default: false, description: "(master) log in to every peer over ssh from the container, as FlagScale's runner does"}
 """
 
 RETURN = r"""
@@ -192,6 +193,28 @@ for peer in P.get("peers", []):
         res[str(port)] = state
     probes[peer["name"]] = res
 out["probes"] = probes
+
+# The master only: FlagScale's runner starts every worker with `ssh -p PORT ADDRESS ...`
+# from this container; a key the worker no longer accepts (a rebuilt host) or a host key
+# that changed means that worker's `ray start` never runs and the launch hangs.
+def ssh_probe(peer, res):
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p", str(peer.get("ssh_port", 22)),
+            peer["address"], "true"]
+    got = {"address": peer["address"], "port": peer.get("ssh_port", 22)}
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+        got.update(ok=r.returncode == 0, rc=r.returncode, error=r.stderr.strip()[-300:])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        got.update(ok=False, rc=None, error=str(exc)[-300:])
+    res[peer["name"]] = got
+if P.get("ssh_probe"):
+    ssh_res = {}
+    workers = [threading.Thread(target=ssh_probe, args=(peer, ssh_res)) for peer in P.get("peers", [])]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    out["ssh"] = ssh_res
 left = deadline - time.monotonic()
 if left > 0 and listeners:
     time.sleep(left)  # peers that started later still find the listeners
@@ -395,7 +418,8 @@ def master_facts(p):
 
 
 def container_facts(p):
-    args = {k: p[k] for k in ("own_ports", "peers", "probe_window_s", "model_path", "install_marker", "collective")}
+    args = {k: p[k] for k in ("own_ports", "peers", "probe_window_s", "model_path", "install_marker", "collective",
+                              "ssh_probe")}
     script = (p["before_start"] + " && " if p["before_start"] else "") + 'exec python3 - "$1"'
     limit = 20 + float((p.get("collective") or {}).get("timeout_s", 0)) + float(p["probe_window_s"])
     rc, out, err = _run(["docker", "exec", "-i", p["container"], "bash", "-c", script, "flagops-check",
@@ -423,6 +447,7 @@ def main():
             install_marker=dict(type="str"),
             collective=dict(type="dict"),
             allow_tcp=dict(type="bool", default=False),
+            ssh_probe=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
