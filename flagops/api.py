@@ -14,6 +14,8 @@ arguments and prints these results.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +49,21 @@ class DeployResult:
     seconds: dict[str, float]
     stages: list[dict[str, Any]]
     logs: dict[str, str]
+    # flagops check before the launch: its seconds, and what --force launched over
+    check: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class CheckFailed(RunError):
+    """flagops check found failures before a launch; deploy refused (``--force`` overrides)."""
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+        lines = "\n".join("  - " + f.line() for f in report.failures)
+        super().__init__(f"deploy refused: flagops check found {len(report.failures)} failure(s) before the "
+                         f"launch (--force launches anyway):\n{lines}")
 
 
 @dataclass
@@ -104,13 +118,19 @@ def extravars_for(cfg: Any, **extra: Any) -> dict[str, Any]:
 
 def run(cfg: Any, playbook: str, *, json_out: bool = False, view: Any = None,
         on_takeover: Callable[[state.Holder], None] | None = None,
-        flagops_extra: dict[str, Any] | None = None, **options: Any) -> RunReport:
-    """lock -> run_playbook -> remember -> report; raises RunError on a failed run."""
+        flagops_extra: dict[str, Any] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None, raise_on_failure: bool = True,
+        **options: Any) -> RunReport:
+    """lock -> run_playbook -> remember -> report; raises RunError on a failed run
+    (unless ``raise_on_failure`` is False: the caller judges the result itself)."""
     from flagops import runner
 
     facts: list[dict[str, Any]] = []
+    also = on_event
 
-    def on_event(ev: dict[str, Any]) -> None:
+    def on_event(ev: dict[str, Any]) -> None:  # noqa: F811 - wraps the caller's
+        if also is not None:
+            also(ev)
         if ev.get("event") == "runner_on_ok":
             res = (ev.get("event_data") or {}).get("res") or {}
             if isinstance(res, dict) and res.get("ansible_facts"):
@@ -122,7 +142,7 @@ def run(cfg: Any, playbook: str, *, json_out: bool = False, view: Any = None,
                                      on_event=on_event, **options)
         if not options.get("check"):  # a failed run too: status/logs then know the cluster
             state.remember(str(cfg.inventory_file), cfg.release_name)
-    if not result.ok:
+    if not result.ok and raise_on_failure:
         where = "; ".join(f"{f['host']}: {f['task']}: {str(f['msg']).splitlines()[0] if f['msg'] else ''}"
                           for f in result.failures if f.get("host"))
         raise RunError(f"{playbook} failed (ansible rc={result.rc})" + (f" at {where}" if where else ""))
@@ -134,10 +154,42 @@ def provision(inventory: str | Path, release: str | None = None, **options: Any)
     return run(load(inventory, release), "provision", **options)
 
 
+def check(inventory: str | Path | None = None, release: str | None = None, *, collective: bool = True,
+          **options: Any) -> Any:
+    """flagops check: every node's host preflight and cluster checks, judged together
+    (a :class:`flagops.check.CheckReport`; ``.ok`` is False on any failure). Read-only."""
+    return run_check(load(inventory, release), collective=collective, **options)
+
+
+def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state.Holder], None] | None = None,
+              prelaunch: bool = False) -> Any:
+    """playbooks/check.yml, quietly (it fails nothing), then every node judged together."""
+    import time
+
+    from flagops import check as check_mod
+
+    t0 = time.monotonic()
+    got = check_mod.Collector()
+    rep = run(cfg, "check", view=check_mod.QuietView(), on_event=got, on_takeover=on_takeover,
+              flagops_extra={} if collective else {"collective": ""}, raise_on_failure=False)
+    if not rep.result.ok:
+        got.run_error = "; ".join(str(f.get("msg") or "").strip().splitlines()[0][:300]
+                                  for f in rep.result.failures if f.get("msg")) or f"rc={rep.result.rc}"
+    report = got.report(check_mod.Expect.from_config(cfg), time.monotonic() - t0, prelaunch=prelaunch)
+    dump = os.environ.get("FLAGOPS_CHECK_FACTS")  # the raw facts, for debugging and test fixtures
+    if dump:
+        Path(dump).write_text(json.dumps({"nodes": got.nodes, "preflight": got.preflight,
+                                          "unreachable": got.unreachable}, indent=1, sort_keys=True, default=str))
+    return report
+
+
 def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[str, float] | None = None,
            restart: bool = False, on_stage: Callable[[Any], None] | None = None,
-           on_played: Callable[[str, float], None] | None = None, **options: Any) -> DeployResult:
-    """Configs into the installed FlagScale, `flagscale serve`, then staged readiness."""
+           on_played: Callable[[str, float], None] | None = None, force: bool = False,
+           on_check: Callable[[Any], None] | None = None, **options: Any) -> DeployResult:
+    """flagops check, then configs into the installed FlagScale, `flagscale serve`, then
+    staged readiness. A failing check refuses the launch (:class:`CheckFailed`) unless
+    ``force``; the result then names what was skipped."""
     import time
 
     from flagops import service
@@ -145,6 +197,13 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
 
     t0 = time.monotonic()
     cfg = load(inventory, release)
+    pre = run_check(cfg, on_takeover=options.get("on_takeover"), prelaunch=True)
+    if on_check:
+        on_check(pre)
+    if not pre.ok and not force:
+        raise CheckFailed(pre)
+    checked = {"seconds": pre.seconds, "ok": pre.ok,
+               "forced_over": [f.to_dict() for f in pre.failures] if force else []}
     report = run(cfg, "deploy", flagops_extra={"force_restart": restart}, **options)
     action = str(report.fact("serve_action", "unknown"))
     t_play = time.monotonic() - t0
@@ -157,7 +216,7 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
         ok=ready.ok, release=cfg.release_name, action=action, state=ready.state, reason=ready.reason,
         endpoint=service.endpoint(cfg), model=service.served_model(cfg),
         seconds={"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
-        stages=[vars(s) for s in ready.stages], logs=ready.logs,
+        stages=[vars(s) for s in ready.stages], logs=ready.logs, check=checked,
     )
 
 

@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("flagops.verify.cli:verify", "Run the verify checks against a running service."),
     "lab": ("flagops.lab.cli:lab", "The local two-node lab: up, down, status."),
     "releases": ("flagops.catalog_cli:releases", "List the release catalog; `releases show NAME` shows one."),
+    "check": ("flagops.check_cli:check", "Read-only cluster checks from inside the containers (exit 1 on a failure)."),
 }
 
 

@@ -61,6 +61,12 @@ RAY_DASHBOARD_PORT = 8265
 OWNER_LABEL = "io.flagops.managed"
 SERVE_LOG = "serve_logs/host_0_localhost.output"  # FlagScale: <exp_dir>/serve_logs/host_<rank>_<host>.output
 SERVE_PID = "serve_logs/pids/host_0_localhost.pid"
+SERVE_SCRIPT = "serve_logs/scripts/host_0_localhost_run.sh"  # FlagScale's generated run script (ray start lines)
+# Ray's fixed default ports (ray start --help): every node's dashboard agent, the head's client server.
+RAY_AGENT_PORT = 52365
+RAY_CLIENT_PORT = 10001
+# flagops check's short all-reduce rendezvous on the master (torch's usual MASTER_PORT).
+COLLECTIVE_PORT = 29500
 
 
 def contract(cfg: Config) -> dict[str, Any]:
@@ -92,6 +98,19 @@ def contract(cfg: Config) -> dict[str, Any]:
         # FlagScale reaches workers by ssh from the master container; one node has none.
         "ssh_trust": len(cfg.hosts) > 1,
         "docker": container_settings(cfg),
+        "serve_script": f"{share}/repos/FlagScale/{exp_dir}/{SERVE_SCRIPT}",
+        # Ports whose numbers are known before launch (flagops check probes them from every
+        # other node and refuses a stranger on them). FlagScale 0.8.0 picks the GCS port with
+        # get_free_port() and passes no node-manager/object-manager/worker ports, so those
+        # stay Ray's random choice (docs/DESIGN.md, "flagops check").
+        "pinned_ports": [
+            {"port": int(cfg.release["serve"]["engine_args"].get("port", 8000)), "on": "master", "what": "engine API"},
+            {"port": RAY_DASHBOARD_PORT, "on": "master", "what": "Ray dashboard"},
+            {"port": RAY_CLIENT_PORT, "on": "master", "what": "Ray client server"},
+            {"port": RAY_AGENT_PORT, "on": "all", "what": "Ray dashboard agent"},
+        ],
+        "collective_port": COLLECTIVE_PORT,
+        "container_model_dir": str(cfg.release["serve"]["engine_args"]["model"]),
     }
 
 

@@ -55,9 +55,11 @@ def _parse_timeouts(values: tuple[str, ...]) -> dict[str, float]:
     help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).",
 )
 @click.option("--restart", is_flag=True, help="Restart even when nothing changed.")
+@click.option("--force", is_flag=True, help="Launch even when flagops check fails (says what it skipped).")
 @json_option
 @handle_errors
-def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], restart: bool, json_out: bool) -> None:
+def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], restart: bool, force: bool,
+           json_out: bool) -> None:
     """Install the rendered configs and start RELEASE; wait until it really serves.
 
     Re-running with nothing changed keeps the service up. A changed engine argument
@@ -78,8 +80,19 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
             mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
             click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
 
+    def on_check(report: Any) -> None:
+        if json_out:
+            _emit_json({"event": "check", **report.to_dict()})
+        elif report.ok:
+            click.echo(f"check: healthy ({report.seconds:.1f}s)")
+        elif force:
+            click.echo(click.style(f"check: {len(report.failures)} failure(s); --force: launching anyway, "
+                                   "skipping:", fg="yellow"), err=True)
+            for f in report.failures:
+                click.echo(f"  - {f.line()}", err=True)
+
     ready = api.deploy(release, inventory, timeouts=limits, restart=restart, on_stage=on_stage, on_played=on_played,
-                       json_out=json_out, on_takeover=takeover_notice)
+                       json_out=json_out, on_takeover=takeover_notice, force=force, on_check=on_check)
     doc = ready.to_dict()
     total = ready.seconds["total"]
     if json_out:

@@ -30,6 +30,7 @@ ROLES = [
     "flagscale_install",
     "vllm_build",
     "serve",
+    "check",
 ]
 
 pytestmark = pytest.mark.lab

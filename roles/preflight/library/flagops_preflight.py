@@ -101,11 +101,98 @@ def _listeners():
     return ports
 
 
+GPU_QUERY = ("index,name,driver_version,ecc.mode.current,persistence_mode,mig.mode.current,"
+             "memory.used,memory.total,ecc.errors.uncorrected.volatile.total")
+
+
+def parse_gpu_query(text):
+    """``nvidia-smi --query-gpu=GPU_QUERY --format=csv,noheader,nounits`` -> one dict per GPU."""
+    keys = GPU_QUERY.split(",")
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        vals = [v.strip() for v in line.split(",")]
+        if len(vals) != len(keys):
+            continue
+        row = dict(zip(keys, vals))
+        for k in ("index", "memory.used", "memory.total", "ecc.errors.uncorrected.volatile.total"):
+            row[k] = int(row[k]) if row[k].isdigit() else None
+        rows.append(row)
+    return rows
+
+
+def parse_compute_apps(text):
+    """``nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits``."""
+    apps = []
+    for line in text.splitlines():
+        vals = [v.strip() for v in line.split(",")]
+        if len(vals) == 4 and vals[1].isdigit():
+            apps.append({"gpu_uuid": vals[0], "pid": int(vals[1]), "name": vals[2],
+                         "used_mib": int(vals[3]) if vals[3].isdigit() else None})
+    return apps
+
+
+def parse_topo(text):
+    """``nvidia-smi topo -m`` -> {"gpus": [GPU0, ...], "links": {"GPU0-GPU1": "NV18", ...}, "nvlink": bool}.
+
+    The matrix's rows start with the device name; its columns are the header's names up to
+    the first non-device column (CPU Affinity etc.). ANSI colour codes are dropped."""
+    clean = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [l for l in clean.splitlines() if l.strip()]
+
+    def cells(line):
+        return [c.strip() for c in (line.split("\t") if "\t" in line else line.split())]
+
+    header = None
+    links, gpus = {}, []
+    for line in lines:
+        cols = cells(line)
+        if header is None:
+            if any(re.fullmatch(r"GPU\d+", c) for c in cols):
+                header = [c for c in cols if c]
+                header = header[:next((i for i, c in enumerate(header) if not re.fullmatch(r"(GPU|NIC)\d+", c)),
+                                      len(header))]
+            continue
+        if not cols or not re.fullmatch(r"GPU\d+", cols[0]):
+            if cols and cols[0] == "Legend:":
+                break
+            continue
+        name, vals = cols[0], cols[1:1 + len(header)]
+        gpus.append(name)
+        for other, v in zip(header, vals):
+            if other != name and other.startswith("GPU"):
+                links["-".join(sorted((name, other)))] = v
+    return {"gpus": gpus, "links": links, "nvlink": any(v.startswith("NV") for v in links.values())}
+
+
 def _container_pids(name):
     rc, out, _ = _run(["docker", "top", name, "-eo", "pid"])
     if rc != 0:
         return set()
     return {int(x) for x in out.split() if x.isdigit()}
+
+
+def judge_gpus(gpus, fail, busy_mib=1024):
+    """Per GPU: ECC on and no uncorrected errors, persistence mode on, MIG off, memory free."""
+    for g in gpus:
+        i = g["index"]
+        if g["ecc.mode.current"] not in ("Enabled", "[N/A]", "N/A"):
+            fail("gpu_ecc", "GPU %s ECC %s" % (i, g["ecc.mode.current"]), "Enabled",
+                 "nvidia-smi -i %s -e 1, then reboot the node" % i)
+        if (g["ecc.errors.uncorrected.volatile.total"] or 0) > 0:
+            fail("gpu_ecc_errors", "GPU %s: %s uncorrected ECC errors" % (i, g["ecc.errors.uncorrected.volatile.total"]),
+                 "0", "drain the node and have GPU %s checked (nvidia-smi -q -d ECC)" % i)
+        if g["persistence_mode"] not in ("Enabled", "[N/A]", "N/A"):
+            fail("gpu_persistence", "GPU %s persistence mode %s" % (i, g["persistence_mode"]), "Enabled",
+                 "nvidia-smi -pm 1 (or enable nvidia-persistenced) on the node")
+        if g["mig.mode.current"] not in ("Disabled", "[N/A]", "N/A"):
+            fail("gpu_mig", "GPU %s MIG %s" % (i, g["mig.mode.current"]), "Disabled",
+                 "nvidia-smi -i %s -mig 0, then reset the GPU" % i)
+        if (g["memory.used"] or 0) > busy_mib:
+            fail("gpu_memory", "GPU %s: %s of %s MiB in use" % (i, g["memory.used"], g["memory.total"]),
+                 "<= %d MiB in use before the launch" % busy_mib,
+                 "find the holder with nvidia-smi and stop it yourself (flagops never kills what it did not start)")
 
 
 def _nonce_ops(p, failures, facts):
@@ -192,22 +279,35 @@ def main():
 
     # NVIDIA driver and GPUs: only a node that declares GPU slots is asked.
     if p["slot_type"] == "gpu":
-        rc, out, err = _run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"])
+        rc, out, err = _run(["nvidia-smi", "--query-gpu=" + GPU_QUERY, "--format=csv,noheader,nounits"])
         if rc != 0:
             facts["driver"] = None
             facts["gpu_count"] = 0
             fail("nvidia_driver", err or "nvidia-smi failed (rc=%d)" % rc,
                  ">= {}".format(p["min_driver"]), "install the NVIDIA driver and make nvidia-smi work")
         else:
-            rows = [r.split(",")[0].strip() for r in out.splitlines() if r.strip()]
-            facts["driver"] = rows[0] if rows else None
-            facts["gpu_count"] = len(rows)
+            gpus = parse_gpu_query(out)
+            facts["gpus"] = gpus
+            facts["driver"] = gpus[0]["driver_version"] if gpus else None
+            facts["gpu_count"] = len(gpus)
             if p["min_driver"] and _vtuple(facts["driver"]) < _vtuple(p["min_driver"]):
                 fail("nvidia_driver", facts["driver"], ">= {}".format(p["min_driver"]),
                      "upgrade the NVIDIA driver to {} or newer".format(p["min_driver"]))
             if facts["gpu_count"] != p["slots"]:
                 fail("gpu_count", facts["gpu_count"], p["slots"],
                      "set flagops_slots for this host to %d, or fix the missing GPUs" % facts["gpu_count"])
+            judge_gpus(gpus, fail)
+            rc2, apps_out, _ = _run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory",
+                                     "--format=csv,noheader,nounits"])
+            facts["compute_apps"] = parse_compute_apps(apps_out) if rc2 == 0 else None
+            ours = _container_pids(p["container_name"]) if p["container_name"] else set()
+            for app in facts["compute_apps"] or []:
+                if app["pid"] not in ours:
+                    fail("gpu_busy", "pid %d (%s) holds %s MiB on GPU %s" % (app["pid"], app["name"], app["used_mib"], app["gpu_uuid"]),
+                         "idle GPUs (the release uses nearly all GPU memory)",
+                         "stop pid %d yourself if it is not needed (flagops never kills what it did not start)" % app["pid"])
+            rc3, topo_out, _ = _run(["nvidia-smi", "topo", "-m"])
+            facts["topology"] = parse_topo(topo_out) if rc3 == 0 else None
     else:
         facts["driver"] = None
         facts["gpu_count"] = None

@@ -1,0 +1,1 @@
+../../roles/check/library/flagops_check.py

@@ -1,0 +1,1 @@
+../../../library/flagops_check.py
