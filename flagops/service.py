@@ -74,7 +74,8 @@ try:  # engine workers (actors) that died: the raylet reports a killed worker at
         cause = json.dumps(a.get("death_cause") or {})
         if a.get("state") == "DEAD" and "INTENDED" not in cause:
             dead.append({"ip": ip.get(a.get("node_id")), "pid": a.get("pid"),
-                         "name": a.get("name") or a.get("class_name"), "end_time": a.get("end_time"), "cause": cause[:300]})
+                         "name": a.get("name") or a.get("class_name"), "end_time": a.get("end_time"),
+                         "cause": cause[:300]})
 except Exception:
     pass
 print(json.dumps({"nodes": [{"ip": n.get("node_ip"), "state": n.get("state"), "head": n.get("is_head_node"),
