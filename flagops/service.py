@@ -39,6 +39,7 @@ class ServiceState(enum.StrEnum):
     MODEL_LISTED = "MODEL_LISTED"
     SERVING = "SERVING"
     DEGRADED = "DEGRADED"  # something flagops started is gone or missing
+    FAILED = "FAILED"  # the recorded engine died: a node's container restarted since, or a worker is dead
     UNREACHABLE = "UNREACHABLE"  # a node could not be asked: never reported as STOPPED
     STOPPED = "STOPPED"
 
@@ -64,8 +65,21 @@ try:
 except Exception as exc:
     print(json.dumps({"error": str(exc)})); sys.exit(0)
 rows = doc.get("data", {}).get("result", {}).get("result", [])
+ip = {n.get("node_id"): n.get("node_ip") for n in rows}
+dead = []
+try:  # engine workers (actors) that died: the raylet reports a killed worker at once
+    with urllib.request.urlopen(sys.argv[1] + "/api/v0/actors?limit=1000&detail=1", timeout=2) as r:
+        actors = json.load(r).get("data", {}).get("result", {}).get("result", [])
+    for a in actors:
+        cause = json.dumps(a.get("death_cause") or {})
+        if a.get("state") == "DEAD" and "INTENDED" not in cause:
+            dead.append({"ip": ip.get(a.get("node_id")), "pid": a.get("pid"),
+                         "name": a.get("name") or a.get("class_name"), "end_time": a.get("end_time"),
+                         "cause": cause[:300]})
+except Exception:
+    pass
 print(json.dumps({"nodes": [{"ip": n.get("node_ip"), "state": n.get("state"), "head": n.get("is_head_node"),
-                             "resources": n.get("resources_total", {})} for n in rows]}))
+                             "resources": n.get("resources_total", {})} for n in rows], "dead_actors": dead}))
 """
 
 
@@ -165,6 +179,7 @@ def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
     )[m]
     return {
         "recorded": True,
+        "record": st,
         "alive": r.rc == 0,
         "pid": st["pid"],
         "started_at": st.get("started_at"),
@@ -194,6 +209,7 @@ def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
             "reachable": True,
             "running": bool(st.get("Running")),
             "status": st.get("Status"),
+            "started_at": st.get("StartedAt"),
             "managed": (json.loads(labels) or {}).get(contract(cfg)["owner_label"]) == "true",
             "image_id": image_id,
             "digests": json.loads(digests) or [],
@@ -321,16 +337,76 @@ def failure_logs(cfg: Config, nodes: Nodes, lines: int = 30) -> dict[str, str]:
 # --------------------------------------------------------------------------- status
 
 
+def _instant(text: Any) -> float | None:
+    """Seconds since the epoch of an ISO time as docker (nanoseconds, Z) or the record writes it."""
+    from datetime import UTC, datetime
+
+    if not isinstance(text, str) or not text or text.startswith("0001-"):
+        return None
+    t = text.strip().rstrip("Z")
+    if "." in t:
+        head, frac = t.split(".", 1)
+        digits = "".join(c for c in frac if c.isdigit())[:6]
+        t = f"{head}.{digits}" if digits else head
+    try:
+        return datetime.fromisoformat(t).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def engine_deaths(record: dict[str, Any] | None, ctr: dict[str, Any], cfg_container: str,
+                  dead_workers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """What of the recorded service died, and where, judged from facts read at once (no Ray timeout).
+
+    ``record``: the service record written at deploy (``started_at``, ``containers_started_at``);
+    ``ctr``: :func:`containers` per host; ``dead_workers``: engine workers Ray reports DEAD
+    (``{"node", "pid", "name", "cause"}``). A node's container that started after the service
+    did (its StartedAt differs from the one recorded at deploy, or, for an older record, is
+    later than the service's start) lost its Ray node and pipeline stage: the node rebooted
+    or the container was restarted.
+    """
+    out: list[dict[str, Any]] = []
+    if not record:
+        return out
+    recorded = record.get("containers_started_at") or {}
+    svc_start = _instant(record.get("started_at"))
+    for host, c in ctr.items():
+        now = c.get("started_at")
+        if not c.get("running") or not now:
+            continue
+        before = recorded.get(host)
+        if before:
+            restarted = before != now and (_instant(now) or 0) > (_instant(before) or 0)
+        else:
+            t = _instant(now)
+            restarted = t is not None and svc_start is not None and t > svc_start
+        if restarted:
+            out.append({"node": host, "what": f"container {cfg_container}", "started_at": now,
+                        "reason": f"{host}: container {cfg_container} started at {now}, after the service "
+                                  f"started at {record.get('started_at')} (the node rebooted or the container "
+                                  f"was restarted): its Ray node and pipeline stage are gone"})
+    for w in dead_workers or []:
+        out.append({"node": w.get("node"), "what": f"engine worker {w.get('name') or 'actor'} pid {w.get('pid')}",
+                    "pid": w.get("pid"),
+                    "reason": f"{w.get('node')}: engine worker {w.get('name') or 'actor'} (pid {w.get('pid')}) "
+                              f"is dead ({w.get('cause') or 'no cause given'})"})
+    return out
+
+
 def derive_state(*, unreachable: bool, problems: bool, recorded: bool, alive: bool, health: int,
-                 ray_members: bool, ray_ready: bool, listed: bool, probed: bool, served: bool) -> ServiceState:
+                 ray_members: bool, ray_ready: bool, listed: bool, probed: bool, served: bool,
+                 engine_dead: bool = False) -> ServiceState:
     """The service state from what status observed, most severe first.
 
     ``health`` is the HTTP status of ``/health`` (0: no answer); ``problems``: a container,
     the recorded serve process or a Ray member that should be there is not; ``served``: the
-    one-token completion answered (only asked when ``probed``).
+    one-token completion answered (only asked when ``probed``); ``engine_dead``: a part of the
+    recorded engine is known dead (:func:`engine_deaths`): FAILED, never LOADING.
     """
     if unreachable:
         return S.UNREACHABLE  # never report STOPPED for a node flagops could not ask
+    if engine_dead and recorded:
+        return S.FAILED
     if not recorded and health == 0 and not ray_members:
         return S.STOPPED
     if problems:
@@ -372,18 +448,29 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         problems.append(f"serve process {proc.get('pid')} is gone ({proc['reason']})")
     if member["missing"] and not member["error"]:
         problems.append("Ray is missing " + ", ".join(member["missing"]))
+    record = proc.get("record") if proc["recorded"] else None
+    by_ip = {h.address: h.name for h in cfg.hosts}
+    svc_start = _instant((record or {}).get("started_at"))
+    dead_workers = [
+        {**a, "node": by_ip.get(a.get("ip"), a.get("ip"))}
+        for a in ray.get("dead_actors", [])
+        if svc_start is None or not a.get("end_time") or a["end_time"] / 1000 >= svc_start
+    ]
+    deaths = engine_deaths(record, ctr, cfg.container_name, dead_workers)
+    problems.extend(d["reason"] for d in deaths)
 
     # The completion probe only decides SERVING vs MODEL_LISTED. With a node, container or
     # Ray member already known to be gone the state is DEGRADED (or UNREACHABLE) anyway, and
     # the request would hang on the broken pipeline for its whole timeout (60 s).
     serving = False
-    if listed and probe_completion and not problems and not unreachable:
+    if listed and probe_completion and not problems and not unreachable and not deaths:
         serving = _http(base + "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1}, 60)[0] == 200
 
     state = derive_state(
         unreachable=bool(unreachable), problems=bool(problems), recorded=proc["recorded"], alive=proc["alive"],
         health=health[0], ray_members=any(v["member"] for v in member["hosts"].values()),
         ray_ready=member["ready"], listed=listed, probed=probe_completion, served=serving,
+        engine_dead=bool(deaths),
     )
 
     per_node = {}
@@ -394,7 +481,7 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
             "container": ctr.get(h.name, {}),
             "ray": member["hosts"].get(h.name, {}),
         }
-    per_node[cfg.master.name]["serve"] = proc
+    per_node[cfg.master.name]["serve"] = {k: v for k, v in proc.items() if k != "record"}
     return {
         "release": cfg.release["name"],
         "state": state,
@@ -403,6 +490,7 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         "via": nodes.via(nodes.master.name) if base != endpoint(cfg) else None,
         "health": health[0],
         "problems": problems,
+        "failed": deaths,  # what of the recorded engine died, and where (node, what, reason)
         "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},
         "nodes": per_node,
     }

@@ -20,6 +20,7 @@ STATE_STYLE = {
     "RAY_READY": "yellow",
     "RAY_FORMING": "yellow",
     "DEGRADED": "red",
+    "FAILED": "red",
     "UNREACHABLE": "red",
     "STOPPED": "dim",
 }

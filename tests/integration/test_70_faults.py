@@ -912,7 +912,7 @@ def test_raylet_killed_on_worker(serving: Lab) -> None:
 
     st = poll(named, 120, 1, "status to name node2's raylet")
     detect = time.monotonic() - t0
-    assert st["state"] == "DEGRADED"
+    assert st["state"] in ("DEGRADED", "FAILED")  # FAILED: Ray also reports node2's engine worker dead
     assert st["nodes"]["node2"]["ray"]["member"] is False
     rc, doc = verify_cluster()
     ray = next(c for c in doc["checks"] if c["name"] == "cluster.ray")

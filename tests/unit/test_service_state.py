@@ -42,3 +42,60 @@ def test_states_are_one_enum_and_serialise_as_their_names() -> None:
     assert STAGES == (S.RAY_FORMING, S.RAY_READY, S.LOADING, S.MODEL_LISTED, S.SERVING)
     assert json.dumps({"state": S.SERVING}) == '{"state": "SERVING"}' and f"{S.DEGRADED}" == "DEGRADED"
     assert {s for s in S if s.settled} == {S.SERVING, S.MODEL_LISTED, S.STOPPED}
+
+
+# --------------------------------------------------------------------------- engine deaths (issue 16 §2)
+
+from flagops.service import engine_deaths  # noqa: E402
+
+RECORD = {"pid": 4242, "started_at": "2026-12-03T14:00:00.123456Z",
+          "containers_started_at": {"node1": "2026-12-03T13:00:00.5Z", "node2": "2026-12-03T13:00:01.5Z"}}
+
+
+def ctr(node2_started: str = "2026-12-03T13:00:01.5Z", running: bool = True) -> dict[str, Any]:
+    return {"node1": {"reachable": True, "running": True, "started_at": "2026-12-03T13:00:00.5Z"},
+            "node2": {"reachable": True, "running": running, "started_at": node2_started}}
+
+
+def test_unchanged_containers_and_no_dead_worker_is_no_death() -> None:
+    assert engine_deaths(RECORD, ctr(), "flagos") == []
+
+
+def test_container_restarted_after_the_service_names_the_node_at_once() -> None:
+    (d,) = engine_deaths(RECORD, ctr("2026-12-03T14:05:07.987654321Z"), "flagos")
+    assert d["node"] == "node2" and d["what"] == "container flagos"
+    assert "node2: container flagos started at 2026-12-03T14:05:07.987654321Z" in d["reason"]
+    assert "rebooted or the container was restarted" in d["reason"]
+
+
+def test_old_record_without_container_times_compares_with_the_service_start() -> None:
+    old = {k: v for k, v in RECORD.items() if k != "containers_started_at"}
+    assert engine_deaths(old, ctr(), "flagos") == []  # started before the service: fine
+    assert [d["node"] for d in engine_deaths(old, ctr("2026-12-03T14:00:09Z"), "flagos")] == ["node2"]
+
+
+def test_stopped_container_is_not_judged_here_and_no_record_judges_nothing() -> None:
+    assert engine_deaths(RECORD, ctr("0001-01-01T00:00:00Z", running=False), "flagos") == []
+    assert engine_deaths(None, ctr("2026-12-03T14:05:07Z"), "flagos") == []
+
+
+def test_dead_engine_worker_names_node_and_pid() -> None:
+    (d,) = engine_deaths(RECORD, ctr(), "flagos",
+                         [{"node": "node2", "pid": 812, "name": "RayWorkerProc_PP1", "cause": "WORKER_DIED"}])
+    assert d["node"] == "node2" and d["pid"] == 812
+    assert d["reason"] == "node2: engine worker RayWorkerProc_PP1 (pid 812) is dead (WORKER_DIED)"
+
+
+@pytest.mark.parametrize("changes", [
+    {"listed": False, "served": False, "health": 0},     # the API went down with the engine: was LOADING
+    {"listed": False, "served": False, "health": 500},
+    {"problems": True},
+])
+def test_recorded_service_with_a_dead_engine_is_failed_never_loading(changes: dict[str, Any]) -> None:
+    assert state(engine_dead=True, **changes) is S.FAILED
+    assert not S.FAILED.settled
+
+
+def test_engine_dead_without_a_record_keeps_the_old_judgement() -> None:
+    assert state(engine_dead=True, recorded=False, health=0, ray_members=False) is S.STOPPED
+    assert state(engine_dead=True, unreachable=True) is S.UNREACHABLE
