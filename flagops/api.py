@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class DeployResult:
     logs: dict[str, str]
     # flagops check before the launch: its seconds, and what --force launched over
     check: dict[str, Any] = field(default_factory=dict)
+    # an upgrade that did not reach SERVING: the version flagops went back to, and how that went
+    rollback: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -186,14 +188,17 @@ def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state
 def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[str, float] | None = None,
            restart: bool = False, on_stage: Callable[[Any], None] | None = None,
            on_played: Callable[[str, float], None] | None = None, force: bool = False,
-           on_check: Callable[[Any], None] | None = None, **options: Any) -> DeployResult:
+           on_check: Callable[[Any], None] | None = None, auto_rollback: bool = True,
+           on_rollback: Callable[[DeployResult, dict[str, Any]], None] | None = None,
+           **options: Any) -> DeployResult:
     """flagops check, then configs into the installed FlagScale, `flagscale serve`, then
     staged readiness. A failing check refuses the launch (:class:`CheckFailed`) unless
-    ``force``; the result then names what was skipped."""
+    ``force``; the result then names what was skipped. A changed release that does not
+    reach SERVING (health, the model listed, one completion) is rolled back to the recorded
+    previous version (``result.rollback``; ``result.ok`` stays False)."""
     import time
 
     from flagops import service
-    from flagops.nodes import Nodes
 
     t0 = time.monotonic()
     cfg = load(inventory, release)
@@ -204,7 +209,45 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
         raise CheckFailed(pre)
     checked = {"seconds": pre.seconds, "ok": pre.ok,
                "forced_over": [f.to_dict() for f in pre.failures] if force else []}
-    report = run(cfg, "deploy", flagops_extra={"force_restart": restart}, **options)
+    before = service_record(cfg)
+    try:
+        result = _launch(cfg, {"force_restart": restart}, timeouts, on_stage, on_played, t0, options)
+    except RunError as exc:  # the playbook failed: roll back only if it stopped the old version
+        after = service_record(cfg) or {}
+        if not auto_rollback or not ((before or {}).get("version") or {}).get("release") \
+                or after.get("pid") == (before or {}).get("pid"):
+            raise
+        result = DeployResult(ok=False, release=cfg.release_name, action="failed", state=ServiceState.STOPPED,
+                              reason=str(exc), endpoint="", model="", stages=[], logs={},
+                              seconds={"total": round(time.monotonic() - t0, 2)})
+    result.check = checked
+    if result.ok or not auto_rollback:
+        return result
+    after = service_record(cfg) or {}
+    old, new = (before or {}).get("version") or {}, after.get("version") or {}
+    if not old.get("release") or (new and old.get("fingerprint") == new.get("fingerprint")):
+        return result  # nothing to go back to, or the same version failed: nothing to roll back
+    if on_rollback:
+        on_rollback(result, old)
+    # the failed version never becomes "previous": the one before the old version stays it
+    back = _launch(replace(cfg, release=old["release"]), {"previous": (before or {}).get("previous") or {}},
+                   timeouts, on_stage, None, time.monotonic(), options)
+    result.rollback = {"ok": back.ok, "to": service._version_summary(old), "state": back.state,
+                       "reason": back.reason, "seconds": back.seconds, "stages": back.stages,
+                       "failed_version": service._version_summary(new)}
+    return result
+
+
+def _launch(cfg: Any, extra: dict[str, Any], timeouts: dict[str, float] | None,
+            on_stage: Callable[[Any], None] | None, on_played: Callable[[str, float], None] | None,
+            t0: float, options: dict[str, Any]) -> DeployResult:
+    """playbooks/deploy.yml with ``cfg``'s release, then staged readiness."""
+    import time
+
+    from flagops import service
+    from flagops.nodes import Nodes
+
+    report = run(cfg, "deploy", flagops_extra=extra, **options)
     action = str(report.fact("serve_action", "unknown"))
     t_play = time.monotonic() - t0
     if on_played:
@@ -216,8 +259,42 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
         ok=ready.ok, release=cfg.release_name, action=action, state=ready.state, reason=ready.reason,
         endpoint=service.endpoint(cfg), model=service.served_model(cfg),
         seconds={"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
-        stages=[vars(s) for s in ready.stages], logs=ready.logs, check=checked,
+        stages=[vars(s) for s in ready.stages], logs=ready.logs,
     )
+
+
+def service_record(cfg: Any) -> dict[str, Any] | None:
+    """The service record on the master (what runs, its version and the one before), or None."""
+    from flagops import service
+    from flagops.nodes import Nodes
+
+    with Nodes(cfg) as nodes:
+        proc = service.serve_process(cfg, nodes)
+    return proc.get("record") if proc.get("recorded") else None
+
+
+def rollback(inventory: str | Path | None = None, release: str | None = None, *,
+             timeouts: dict[str, float] | None = None, on_stage: Callable[[Any], None] | None = None,
+             on_played: Callable[[str, float], None] | None = None, **options: Any) -> DeployResult:
+    """Deploy the version before the running one again (its recorded release); the running
+    one becomes "previous" (a second rollback goes forward again)."""
+    import time
+
+    from flagops import service
+
+    t0 = time.monotonic()
+    cfg = load(inventory, release)
+    rec = service_record(cfg)
+    prev = (rec or {}).get("previous") or {}
+    if not prev.get("release"):
+        raise FlagopsError(f"nothing to roll back to: the service record of {cfg.release_name} names no previous "
+                           "version (a version is kept once a deploy changes the release)")
+    result = _launch(replace(cfg, release=prev["release"]), {"previous": (rec or {}).get("version") or {}},
+                     timeouts, on_stage, on_played, t0, options)
+    result.rollback = {"ok": result.ok, "to": service._version_summary(prev), "state": result.state,
+                       "reason": result.reason, "seconds": result.seconds,
+                       "from": service._version_summary((rec or {}).get("version"))}
+    return result
 
 
 def status(inventory: str | Path | None = None, release: str | None = None, *, probe: bool = True) -> StatusResult:

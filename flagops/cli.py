@@ -22,6 +22,7 @@ from flagops.errors import ConfigError, FlagopsError
 # name -> (import target, one-line help shown by --help without importing the target)
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("flagops.service_cli:deploy", "Install configs and start the service (deploy.yml + readiness)."),
+    "rollback": ("flagops.service_cli:rollback", "Go back to the version deployed before the running one."),
     "status": ("flagops.service_cli:status", "Show service, Ray and API status."),
     "logs": ("flagops.service_cli:logs", "Show the service logs."),
     "stop": ("flagops.service_cli:stop", "Stop the service (stop.yml)."),

@@ -111,6 +111,15 @@ def contract(cfg: Config) -> dict[str, Any]:
         ],
         "collective_port": COLLECTIVE_PORT,
         "container_model_dir": str(cfg.release["serve"]["engine_args"]["model"]),
+        # Supervision (issue 16): a restart-policy container on the master host, its spec
+        # (written at deploy), its status (written by it) and the logs it collects per restart.
+        "supervisor_container": f"flagops-supervisor-{cfg.release['name']}",
+        "supervisor_spec": f"{share}/.flagops/service/{cfg.release['name']}.supervise.json",
+        "supervisor_status": f"{share}/.flagops/service/{cfg.release['name']}.supervisor.json",
+        "supervisor_logs": f"{share}/.flagops/service/{cfg.release['name']}.restarts",
+        "supervisor_dir": f"{share}/.flagops/supervisor",
+        "served_model": str(cfg.release["serve"]["engine_args"].get("served_model_name")
+                            or cfg.release["serve"]["engine_args"]["model"]),
     }
 
 

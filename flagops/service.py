@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flagops import http, resources
-from flagops.config import Config
+from flagops.config import Config, effective_engine_args
 from flagops.nodes import Nodes
 from flagops.render import contract
 
@@ -39,7 +39,8 @@ class ServiceState(enum.StrEnum):
     MODEL_LISTED = "MODEL_LISTED"
     SERVING = "SERVING"
     DEGRADED = "DEGRADED"  # something flagops started is gone or missing
-    FAILED = "FAILED"  # the recorded engine died: a node's container restarted since, or a worker is dead
+    FAILED = "FAILED"  # the recorded engine died (and supervision is not bringing it back), or a crash loop
+    RECOVERING = "RECOVERING"  # the supervisor is restarting the group after a failure it names
     UNREACHABLE = "UNREACHABLE"  # a node could not be asked: never reported as STOPPED
     STOPPED = "STOPPED"
 
@@ -87,8 +88,7 @@ print(json.dumps({"nodes": [{"ip": n.get("node_ip"), "state": n.get("state"), "h
 
 
 def served_model(cfg: Config) -> str:
-    args = cfg.release["serve"]["engine_args"]
-    return str(args.get("served_model_name") or args["model"])
+    return str(contract(cfg)["served_model"])
 
 
 def endpoint(cfg: Config) -> str:
@@ -186,6 +186,54 @@ def serve_process(cfg: Config, nodes: Nodes) -> dict[str, Any]:
         "fingerprint": st.get("fingerprint"),
         "reason": r.stdout.strip() or r.stderr.strip(),
     }
+
+
+_SUPERVISION_SH = (
+    'date +%s.%N; echo "--flagops--"; cat "$1" 2>/dev/null; echo "--flagops--"; '
+    'docker inspect --format "{{.State.Running}} {{.RestartCount}}" "$2" 2>/dev/null || echo absent'
+)
+
+
+def supervision(cfg: Config, nodes: Nodes) -> dict[str, Any]:
+    """The supervisor on the master: its container, and the status file it writes every poll."""
+    c = contract(cfg)
+    m = nodes.master.name
+    r = nodes.run(["bash", "-c", _SUPERVISION_SH, "flagops", c["supervisor_status"], c["supervisor_container"]], [m])[m]
+    parts = (r.stdout or "").split("--flagops--")
+    if r.rc == 255 or len(parts) < 3:
+        return {"known": False, "reason": (r.stderr or r.stdout).strip()[:300]}
+    try:
+        clock = float(parts[0].strip())
+    except ValueError:
+        clock = None
+    try:
+        doc = json.loads(parts[1]) if parts[1].strip() else {}
+    except ValueError:
+        doc = {}
+    ctr = parts[2].split()
+    running = bool(ctr) and ctr[0] == "true"
+    age = round(clock - doc["updated_epoch"], 1) if clock is not None and doc.get("updated_epoch") else None
+    restarts = doc.get("restarts") or []
+    return {
+        "known": True,
+        "container": c["supervisor_container"],
+        "running": running,
+        "present": bool(ctr) and ctr[0] != "absent",
+        "state": doc.get("state"),
+        "generation": doc.get("generation"),
+        "armed": bool(doc.get("armed")),
+        "serving_since": doc.get("serving_since"),
+        "serving_pid": doc.get("serving_pid"),
+        "restart_count": int(doc.get("restart_count") or 0),
+        "last_cause": doc.get("last_cause"),
+        "last_restart": ({k: v for k, v in restarts[-1].items() if k != "epoch"} if restarts else None),
+        "reason": doc.get("reason"),
+        "age_s": age,  # seconds since the supervisor last wrote (master's clock)
+        "fresh": running and age is not None and age <= SUPERVISION_STALE_S,
+    }
+
+
+SUPERVISION_STALE_S = 20.0
 
 
 def containers(cfg: Config, nodes: Nodes) -> dict[str, Any]:
@@ -393,16 +441,31 @@ def engine_deaths(record: dict[str, Any] | None, ctr: dict[str, Any], cfg_contai
     return out
 
 
+def _version_summary(v: Any) -> dict[str, Any] | None:
+    """A recorded version without its release snapshot: what status and rollback print."""
+    if not isinstance(v, dict) or not v.get("fingerprint"):
+        return None
+    rel = v.get("release") or {}
+    return {"fingerprint": str(v["fingerprint"])[:16], "deployed_at": v.get("deployed_at"), "image": v.get("image"),
+            "image_ref": (rel.get("image") or {}).get("ref"),
+            "flagscale_commit": (rel.get("flagscale") or {}).get("commit"),
+            "engine_args": effective_engine_args(rel) if rel.get("serve") else None}
+
+
 def derive_state(*, unreachable: bool, problems: bool, recorded: bool, alive: bool, health: int,
                  ray_members: bool, ray_ready: bool, listed: bool, probed: bool, served: bool,
-                 engine_dead: bool = False) -> ServiceState:
+                 engine_dead: bool = False, recovering: bool = False) -> ServiceState:
     """The service state from what status observed, most severe first.
 
     ``health`` is the HTTP status of ``/health`` (0: no answer); ``problems``: a container,
     the recorded serve process or a Ray member that should be there is not; ``served``: the
     one-token completion answered (only asked when ``probed``); ``engine_dead``: a part of the
-    recorded engine is known dead (:func:`engine_deaths`): FAILED, never LOADING.
+    recorded engine is known dead (:func:`engine_deaths`): FAILED, never LOADING;
+    ``recovering``: the supervisor is restarting the group (a node may be unreachable while
+    it reboots): RECOVERING.
     """
+    if recovering and recorded:
+        return S.RECOVERING
     if unreachable:
         return S.UNREACHABLE  # never report STOPPED for a node flagops could not ask
     if engine_dead and recorded:
@@ -427,7 +490,8 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
     from concurrent.futures import ThreadPoolExecutor
 
     base = api_base(cfg, nodes)
-    with ThreadPoolExecutor(max_workers=5) as pool:
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        f_sup = pool.submit(supervision, cfg, nodes)
         f_ctr = pool.submit(containers, cfg, nodes)
         f_ray = pool.submit(ray_nodes, nodes)
         f_proc = pool.submit(serve_process, cfg, nodes)
@@ -457,7 +521,26 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         if svc_start is None or not a.get("end_time") or a["end_time"] / 1000 >= svc_start
     ]
     deaths = engine_deaths(record, ctr, cfg.container_name, dead_workers)
+    sup = f_sup.result()
+    current = bool(record) and sup.get("known") and sup.get("fresh") \
+        and sup.get("generation") == (record or {}).get("generation")
+    recovering = bool(current and sup.get("state") == "RECOVERING")
+    if recovering:
+        problems.append(f"{cfg.master.name}: supervisor restarting the group (restart {sup['restart_count']}): "
+                        f"{sup.get('last_cause')}")
+    elif current and sup.get("state") == "FAILED":
+        deaths.append({"node": cfg.master.name, "what": "supervision",
+                       "reason": f"{cfg.master.name}: supervision gave up: {sup.get('reason')}; "
+                                 f"last cause: {sup.get('last_cause')}"})
+    elif (current and sup.get("armed") and sup.get("serving_pid") == (record or {}).get("pid")
+          and health[0] != 200 and not deaths):
+        deaths.append({"node": cfg.master.name, "what": "engine",
+                       "reason": f"{cfg.master.name}: the engine stopped answering (GET /health -> "
+                                 f"{health[0] or 'no answer'}) after serving since {sup.get('serving_since')}"})
     problems.extend(d["reason"] for d in deaths)
+    if record and sup.get("known") and not sup.get("running"):
+        problems.append(f"{cfg.master.name}: supervision is not running (container {sup.get('container')} "
+                        f"{'stopped' if sup.get('present') else 'absent'}): nothing brings the service back")
 
     # The completion probe only decides SERVING vs MODEL_LISTED. With a node, container or
     # Ray member already known to be gone the state is DEGRADED (or UNREACHABLE) anyway, and
@@ -470,7 +553,7 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         unreachable=bool(unreachable), problems=bool(problems), recorded=proc["recorded"], alive=proc["alive"],
         health=health[0], ray_members=any(v["member"] for v in member["hosts"].values()),
         ray_ready=member["ready"], listed=listed, probed=probe_completion, served=serving,
-        engine_dead=bool(deaths),
+        engine_dead=bool(deaths), recovering=recovering,
     )
 
     per_node = {}
@@ -491,6 +574,9 @@ def status(cfg: Config, nodes: Nodes, probe_completion: bool = False) -> dict[st
         "health": health[0],
         "problems": problems,
         "failed": deaths,  # what of the recorded engine died, and where (node, what, reason)
+        "supervision": sup,
+        "version": _version_summary((record or {}).get("version")),
+        "previous": _version_summary((record or {}).get("previous")),
         "ray": {k: member[k] for k in ("total", "expected_total", "resource", "missing", "error")},
         "nodes": per_node,
     }

@@ -21,6 +21,7 @@ STATE_STYLE = {
     "RAY_FORMING": "yellow",
     "DEGRADED": "red",
     "FAILED": "red",
+    "RECOVERING": "yellow",
     "UNREACHABLE": "red",
     "STOPPED": "dim",
 }
@@ -92,14 +93,39 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
             for f in report.failures:
                 click.echo(f"  - {f.line()}", err=True)
 
+    def on_rollback(failed: Any, old: dict[str, Any]) -> None:
+        if json_out:
+            _emit_json({"event": "rollback", "reason": failed.reason, "to": old.get("fingerprint", "")[:16]})
+        else:
+            click.echo(click.style(f"deploy stopped at {failed.state}: {failed.reason}", fg="red"), err=True)
+            click.echo(click.style(f"rolling back to the previous version {old.get('fingerprint', '')[:16]} "
+                                   f"(deployed {old.get('deployed_at')}); readiness:", fg="yellow"), err=True)
+
     ready = api.deploy(release, inventory, timeouts=limits, restart=restart, on_stage=on_stage, on_played=on_played,
-                       json_out=json_out, on_takeover=takeover_notice, force=force, on_check=on_check)
+                       json_out=json_out, on_takeover=takeover_notice, force=force, on_check=on_check,
+                       on_rollback=on_rollback)
+    _report(ready, json_out)
+
+
+def _report(ready: Any, json_out: bool) -> None:
+    """Print a deploy's or a rollback's result; exit 1 unless it serves the version asked for."""
     doc = ready.to_dict()
     total = ready.seconds["total"]
+    rb = ready.rollback
     if json_out:
         _emit_json(doc)
+    elif rb and not ready.ok:
+        ok, to = rb["ok"], rb["to"]
+        back = (f"SERVING again in {rb['seconds']['total']:.1f}s" if ok
+                else f"rollback stopped at {rb['state']}: {rb['reason']}")
+        click.echo(click.style(f"deploy failed ({ready.reason}); rolled back to {to['fingerprint']} "
+                               f"(deployed {to['deployed_at']}): {back}", fg="yellow" if ok else "red"), err=True)
+        for name, text in ready.logs.items():
+            click.echo(click.style(f"--- {name}", bold=True), err=True)
+            click.echo(text.rstrip() or "(empty)", err=True)
     elif ready.ok:
-        click.echo(click.style(f"SERVING {doc['model']} at {doc['endpoint']}/v1 ({total:.1f}s)", fg="green"))
+        click.echo(click.style(f"SERVING {doc['model']} at {doc['endpoint']}/v1 ({total:.1f}s)"
+                               + (f"; rolled back to {rb['to']['fingerprint']}" if rb else ""), fg="green"))
     else:
         click.echo(click.style(f"deploy stopped at {ready.state}: {ready.reason}", fg="red"), err=True)
         for name, text in ready.logs.items():
@@ -107,6 +133,39 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
             click.echo(text.rstrip() or "(empty)", err=True)
     if not ready.ok:
         sys.exit(1)
+
+
+@click.command()
+@click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
+@click.option("--release", metavar="NAME")
+@click.option(
+    "--timeout",
+    "timeouts",
+    multiple=True,
+    metavar="STAGE=SECONDS",
+    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).",
+)
+@json_option
+@handle_errors
+def rollback(inventory: str | None, release: str | None, timeouts: tuple[str, ...], json_out: bool) -> None:
+    """Deploy the version before the running one again (image, FlagScale commit, configs and
+    engine args as recorded); the running one becomes the previous (roll forward the same way)."""
+    from flagops import api, service
+
+    def on_played(action: str, seconds: float) -> None:
+        if not json_out:
+            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
+
+    def on_stage(st: service.Stage) -> None:
+        if json_out:
+            _emit_json({"event": "stage", **vars(st)})
+        else:
+            mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
+            click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
+
+    ready = api.rollback(inventory, release, timeouts=_parse_timeouts(timeouts), on_stage=on_stage,
+                         on_played=on_played, json_out=json_out, on_takeover=takeover_notice)
+    _report(ready, json_out)
 
 
 @click.command()
@@ -151,6 +210,21 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
                 sv = f"pid {p['pid']} alive" if p.get("alive") else p.get("reason", "")
             t.add_row(name, n["role"], n["address"], ctr, ray, sv)
         con.print(t)
+        sup = st.get("supervision") or {}
+        if sup.get("known") and sup.get("present"):
+            last = sup.get("last_restart") or {}
+            con.print(
+                f"supervision: {sup.get('state') or '?'}"
+                + ("" if sup.get("running") else " [red](container not running)[/]")
+                + f", {sup.get('restart_count', 0)} restart(s)"
+                + (f", last at {last.get('at')}: {sup.get('last_cause')}" if last else "")
+                + (f" ({last['seconds_to_serving']}s to SERVING)" if last.get("seconds_to_serving") else "")
+            )
+        for label in ("version", "previous"):
+            v = st.get(label)
+            if v:
+                con.print(f"{label}: {v['fingerprint']} deployed {v['deployed_at']} image {v.get('image_ref')} "
+                          f"FlagScale {str(v.get('flagscale_commit'))[:12]}")
         for p in st["problems"]:
             con.print(f"[red]problem:[/] {p}")
     if not result.state.settled:

@@ -99,3 +99,16 @@ def test_recorded_service_with_a_dead_engine_is_failed_never_loading(changes: di
 def test_engine_dead_without_a_record_keeps_the_old_judgement() -> None:
     assert state(engine_dead=True, recorded=False, health=0, ray_members=False) is S.STOPPED
     assert state(engine_dead=True, unreachable=True) is S.UNREACHABLE
+
+
+def test_recovering_wins_while_the_supervisor_restarts_even_over_an_unreachable_rebooting_node() -> None:
+    from flagops.service import ServiceState, derive_state
+
+    base = dict(unreachable=True, problems=True, recorded=True, alive=False, health=0, ray_members=False,
+                ray_ready=False, listed=False, probed=True, served=False, engine_dead=True)
+    assert derive_state(**base, recovering=True) is ServiceState.RECOVERING
+    assert derive_state(**base) is ServiceState.UNREACHABLE
+    assert derive_state(**{**base, "unreachable": False}) is ServiceState.FAILED
+    # nothing recorded (stopped): a stale supervisor status never makes it RECOVERING
+    assert derive_state(**{**base, "unreachable": False, "recorded": False, "engine_dead": False,
+                           "problems": False}, recovering=True) is ServiceState.STOPPED
