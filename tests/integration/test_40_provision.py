@@ -82,6 +82,42 @@ def test_check_diff_changes_nothing(stopped: Lab) -> None:
     assert snapshot(stopped) == before
 
 
+# Where Docker and flagops write on a node; overlay2/ and image/ (image layers, gigabytes)
+# are left out for time: a login never reaches them. containers/*/config.v2.json stays in.
+AT_REST = "/root/.docker /etc/docker /var/lib/docker /root/.flagops /root/.ansible /tmp /run /dev/shm"
+
+
+def test_no_registry_credential_at_rest(stopped: Lab) -> None:
+    """A provision that logs in to the (htpasswd) lab registry leaves its password nowhere:
+    not on any node's disk or tmpfs, not in the share, not in the run's artifacts."""
+    from flagops.lab import services
+
+    password = services.registry_password(stopped.paths)
+    runs = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser() / "runs"
+    before = set(runs.rglob("*"))
+    rc, events = provision(stopped, "--tags", "image")
+    assert rc == 0, result(events)["failures"]
+    logins = [e for e in events if e.get("event") == "runner_on_ok" and e.get("task", "").startswith("Image | log in")]
+    assert {e["host"] for e in logins} == {"node1", "node2"}, "the login path did not run"
+    excluded = "--exclude-dir=overlay2 --exclude-dir=image --exclude-dir=proc"
+    found = {}
+    for n in NODES:
+        # the password goes to grep on stdin (-f -), never into a command line
+        found[n.hostname] = stopped.ssh(
+            n, f"grep -rlFs -D skip {excluded} -f - {AT_REST} 2>/dev/null; "
+               "ls /dev/shm | grep flagops-docker- ; true", stdin=password + "\n")
+        config = stopped.ssh(n, "cat /root/.docker/config.json 2>/dev/null; true")
+        assert "172.30.0.1:5000" not in config, (n.hostname, config)
+    found["share"] = stopped.ssh(NODE1, "grep -rlFs -D skip -f - /share 2>/dev/null; true", stdin=password + "\n")
+    assert all(not v.strip() for v in found.values()), found
+    new = [p for p in runs.rglob("*") if p not in before and p.is_file()]
+    assert new, runs
+    leaked = [str(p) for p in new if password.encode() in p.read_bytes()]
+    assert leaked == [], "the registry password reached run artifacts"
+    out = "\n".join(json.dumps(e) for e in events)
+    assert password not in out, "the registry password reached --json"
+
+
 def _split_layout(root: Path, vaulted: str) -> Path:
     """The lab inventory as many teams keep theirs: hosts in one file, every shared var in
     ``group_vars/all.yml`` (the hub token vault-encrypted), a host's address in ``host_vars/``."""

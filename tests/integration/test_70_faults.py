@@ -800,11 +800,11 @@ def test_injection_rejected_before_any_host(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
-    password = "fo-pw-" + secrets.token_hex(12)
+    password = services.registry_password(LabPaths.default())  # the lab registry's real login
     token = (LabPaths.default().root / "hub" / "token").read_text().strip()  # the one the lab hub accepts
     inv = _lab_inventory()
     v = inv["all"]["vars"]
-    v["flagops_registry_username"] = "flagops-lab"
+    v["flagops_registry_username"] = services.REGISTRY_USER
     v["flagops_registry_password"] = "{{ lookup('env', 'FLAGOPS_REGISTRY_PASSWORD') }}"
     v["flagops_hub_token"] = "{{ lookup('env', 'MODELSCOPE_API_TOKEN') }}"
     path = tmp_path / "lab-secrets.yaml"
@@ -839,8 +839,6 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
     finally:
         stop.set()
         sampler.join()
-        for n in NODES:  # the lab registry has no auth; docker login still stored the pair on the node
-            serving.ssh(n, "docker logout 172.30.0.1:5000 >/dev/null 2>&1; true")
     assert len(seen_ps) > 20
 
     leaks = []
