@@ -95,6 +95,15 @@ def registry_password(paths: LabPaths) -> str:
     return (registry_auth_dir(paths) / "password").read_text().strip()
 
 
+def registry_env(paths: LabPaths | None = None) -> dict[str, str]:
+    """``os.environ`` with the lab registry's password where the lab inventory looks for it
+    (for scripts that run ``flagops provision`` on the lab; a set value is kept)."""
+    env = dict(os.environ)
+    if not env.get(REGISTRY_PASSWORD_ENV):
+        env[REGISTRY_PASSWORD_ENV] = registry_password(paths or LabPaths.default())
+    return env
+
+
 def _registry_auth(paths: LabPaths) -> tuple[str, str] | None:
     try:
         return REGISTRY_USER, registry_password(paths)
