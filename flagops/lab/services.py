@@ -104,6 +104,20 @@ def registry_env(paths: LabPaths | None = None) -> dict[str, str]:
     return env
 
 
+def credential_fixes(registry: str, paths: LabPaths | None = None) -> dict[str, str]:
+    """How to set the lab registry's password (env variable -> fix) when ``registry`` is the
+    lab's; {} for any other registry."""
+    if registry != f"{GATEWAY}:{REGISTRY_PORT}":
+        return {}
+    pw_file = registry_auth_dir(paths or LabPaths.default()) / "password"
+    try:
+        shown = "~/" + pw_file.relative_to(Path.home()).as_posix()
+    except ValueError:
+        shown = str(pw_file)
+    return {REGISTRY_PASSWORD_ENV: f'export {REGISTRY_PASSWORD_ENV}="$(cat {shown})" '
+                                   "(the lab registry's password, written by `flagops lab up`)"}
+
+
 def _registry_auth(paths: LabPaths) -> tuple[str, str] | None:
     try:
         return REGISTRY_USER, registry_password(paths)
