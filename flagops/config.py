@@ -20,13 +20,14 @@ Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`load_release`,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import ipaddress
 import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -337,7 +338,7 @@ class Credential:
     """A credential field as the inventory writes it (never its secret's value)."""
 
     key: str
-    value: Any = field(repr=False)  # a literal, an env-lookup template or a !vault value
+    value: Any = dataclasses.field(repr=False)  # a literal, an env-lookup template or a !vault value
     location: Location
 
     @property
@@ -397,7 +398,8 @@ def unset_credentials(cfg: Config, environ: Mapping[str, str] | None = None,
             where = pw.location if pw is not None else user.location  # type: ignore[union-attr]
             problems.append(Problem(where, "flagops_registry_username without a flagops_registry_password",
                                     f"the password of the {registry} login",
-                                    """add flagops_registry_password: "{{ lookup('env', 'FLAGOPS_REGISTRY_PASSWORD') }}" """
+                                    "add flagops_registry_password: "
+                                    """"{{ lookup('env', 'FLAGOPS_REGISTRY_PASSWORD') }}" """
                                     "and export FLAGOPS_REGISTRY_PASSWORD (or a !vault value)"))
     elif user is not None and user.env is not None and user_value == "" and pw_value != "":
         problems.append(unset(user, "user name"))
