@@ -60,11 +60,15 @@ test-slow: setup
 	$(PY) -m pytest tests/integration -q -p no:cacheprovider -m slow
 
 # The README's newcomer path on the embedded default: the lab.
+# The lab registry needs a login: the inventory reads its password from FLAGOPS_REGISTRY_PASSWORD.
+LAB_REGISTRY_PASSWORD = $${FLAGOPS_HOME:-$$HOME/.flagops}/lab/registry-auth/password
+
 quickstart: setup
 	$(VENV)/bin/flagops lab up
-	$(VENV)/bin/flagops provision inventories/lab.yaml
-	$(VENV)/bin/flagops deploy ernie45
-	$(VENV)/bin/flagops verify
+	export FLAGOPS_REGISTRY_PASSWORD="$$(cat $(LAB_REGISTRY_PASSWORD))" && \
+	  $(VENV)/bin/flagops provision inventories/lab.yaml && \
+	  $(VENV)/bin/flagops deploy ernie45 && \
+	  $(VENV)/bin/flagops verify
 
 lab-down:
 	$(VENV)/bin/flagops lab down

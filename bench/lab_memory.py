@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flagops.lab import nodes, procs  # noqa: E402
+from flagops.lab import nodes, procs, services  # noqa: E402
 from flagops.lab.engine import connect  # noqa: E402
 from flagops.lab.paths import LabPaths  # noqa: E402
 
@@ -126,7 +126,8 @@ class Sampler(threading.Thread):
 def flagops(*args: str, check: bool = True) -> tuple[float, str]:
     """Run the real CLI; (wall seconds, stdout)."""
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flagops", *args], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "flagops", *args], cwd=REPO, capture_output=True, text=True,
+                          env=services.registry_env())
     if check and done.returncode != 0:
         tail = done.stdout[-2000:] + done.stderr[-2000:]
         raise SystemExit(f"flagops {' '.join(args)} exited {done.returncode}:\n{tail}")

@@ -21,11 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 INV = str(REPO / "inventories" / "lab.yaml")
 OUT = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO))
+from flagops.lab import services  # noqa: E402  (the lab registry's password for provision)
 
 
 def flagops(*args: str, check: bool = True) -> tuple[float, str]:
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flagops", *args], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "flagops", *args], capture_output=True, text=True, cwd=REPO,
+                          env=services.registry_env())
     if check and done.returncode != 0:
         raise SystemExit(f"flagops {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
     return time.monotonic() - t0, done.stdout

@@ -151,9 +151,35 @@ def run(cfg: Any, playbook: str, *, json_out: bool = False, view: Any = None,
     return RunReport(result, facts)
 
 
+def _pulls(tags: str | None, skip_tags: str | None) -> bool:
+    """Whether a provision with these --tags/--skip-tags runs the image role (the pull)."""
+    def split(value: str | None) -> set[str]:
+        return {t.strip() for t in (value or "").split(",") if t.strip()}
+
+    if "image" in split(skip_tags):
+        return False
+    return not tags or bool(split(tags) & {"image", "all"})
+
+
+def require_credentials(cfg: Any) -> None:
+    """Refuse (exit 2, before any host is touched) a run that would pull without the
+    registry login its inventory names: the env lookup's variable is unset."""
+    from flagops import config
+    from flagops.errors import ConfigError
+    from flagops.lab import services
+
+    ref = (cfg.release.get("image") or {}).get("ref") or ""
+    problems = config.unset_credentials(cfg, os.environ, services.credential_fixes(config.image_registry(ref)))
+    if problems:
+        raise ConfigError(problems)
+
+
 def provision(inventory: str | Path, release: str | None = None, **options: Any) -> RunReport:
     """Every runbook step before "Serve" (playbooks/provision.yml)."""
-    return run(load(inventory, release), "provision", **options)
+    cfg = load(inventory, release)
+    if _pulls(options.get("tags"), options.get("skip_tags")):
+        require_credentials(cfg)
+    return run(cfg, "provision", **options)
 
 
 def check(inventory: str | Path | None = None, release: str | None = None, *, collective: bool = True,

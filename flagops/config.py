@@ -20,12 +20,13 @@ Public API: :func:`load`, :class:`Config`, :class:`Host`, :func:`load_release`,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -325,6 +326,86 @@ class Host:
     ssh_common_args: str | None = None
 
 
+# The env variable and literal default of a credential field's one allowed template.
+_ENV_LOOKUP_RE = re.compile(
+    r"lookup\(\s*['\"](?:ansible\.builtin\.)?env['\"]\s*,\s*['\"](?P<env>[A-Za-z_][A-Za-z0-9_]*)['\"]\s*\)"
+    r"(?:\s*\|\s*default\(\s*['\"](?P<default>[^'\"]*)['\"]\s*\))?"
+)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A credential field as the inventory writes it (never its secret's value)."""
+
+    key: str
+    value: Any = dataclasses.field(repr=False)  # a literal, an env-lookup template or a !vault value
+    location: Location
+
+    @property
+    def env(self) -> str | None:
+        """The variable its env lookup reads (None: a literal or a vault value)."""
+        if isinstance(self.value, Vault) or not isinstance(self.value, str):
+            return None
+        m = _ENV_LOOKUP_RE.search(self.value) if CREDENTIAL_TEMPLATE_RE.fullmatch(self.value) else None
+        return m.group("env") if m else None
+
+    def resolved(self, environ: Mapping[str, str]) -> str | None:
+        """What Ansible will read for it: the variable's value or the lookup's default
+        ("" when neither); None for a vault value (set, but unknown here)."""
+        if isinstance(self.value, Vault):
+            return None
+        if self.env is None:
+            return "" if self.value is None else str(self.value)
+        m = _ENV_LOOKUP_RE.search(self.value)
+        assert m is not None
+        return environ.get(self.env) or m.group("default") or ""
+
+
+def image_registry(ref: str) -> str:
+    """The registry host of an image ref, as the image role derives it (its defaults)."""
+    first = ref.split("/")[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def unset_credentials(cfg: Config, environ: Mapping[str, str] | None = None,
+                      fixes: Mapping[str, str] | None = None) -> list[Problem]:
+    """The registry login a pull would go without: a user whose password's env lookup
+    reads an unset variable (or the reverse). ``fixes``: env variable -> a better fix
+    (the lab's own password file). Values are never shown, only the variable names."""
+    env = os.environ if environ is None else environ
+    fixes = fixes or {}
+    by = {c.key: c for c in cfg.credentials}
+    user, pw = by.get("flagops_registry_username"), by.get("flagops_registry_password")
+    ref = (cfg.release.get("image") or {}).get("ref") or ""
+    registry = image_registry(ref) if isinstance(ref, str) else "docker.io"
+    user_value = user.resolved(env) if user is not None else ""
+    pw_value = pw.resolved(env) if pw is not None else ""
+    problems: list[Problem] = []
+
+    def unset(c: Credential, other: str) -> Problem:
+        assert c.env is not None
+        fix = fixes.get(c.env) or f"export {c.env} (the {registry} login's {other}) before flagops provision"
+        return Problem(c.location, f"{c.key} reads the environment variable {c.env}, which is unset or empty here",
+                       f"{c.env} set to the {other} of the {registry} login (the image pull logs in with it)",
+                       fix)
+
+    if user_value != "" and pw_value == "":
+        if pw is not None and pw.env is not None:
+            problems.append(unset(pw, "password"))
+        else:
+            where = pw.location if pw is not None else user.location  # type: ignore[union-attr]
+            problems.append(Problem(where, "flagops_registry_username without a flagops_registry_password",
+                                    f"the password of the {registry} login",
+                                    "add flagops_registry_password: "
+                                    """"{{ lookup('env', 'FLAGOPS_REGISTRY_PASSWORD') }}" """
+                                    "and export FLAGOPS_REGISTRY_PASSWORD (or a !vault value)"))
+    elif user is not None and user.env is not None and user_value == "" and pw_value != "":
+        problems.append(unset(user, "user name"))
+    return problems
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated, resolved inventory + release. Hosts are master first."""
@@ -339,6 +420,9 @@ class Config:
     slot_type: str
     # The release's unverified fields (validate warns, exit status stays 0).
     warnings: tuple[Unverified, ...] = ()
+    # The registry login fields as written (literal, env lookup or !vault) with where they
+    # are: a provision checks the env lookups are set (:func:`unset_credentials`).
+    credentials: tuple[Credential, ...] = ()
 
     @property
     def master(self) -> Host:
@@ -1175,6 +1259,9 @@ def load(inventory: str | os.PathLike[str], release: str | None = None) -> Confi
         container_name=inv.cluster["flagops_container_name"][0],
         slot_type=inv.cluster.get("flagops_slot_type", ("gpu", None))[0],
         warnings=tuple(release_warnings(rel_doc, _display_path(rel_path))),
+        credentials=tuple(Credential(k, *inv.cluster[k]) for k in ("flagops_registry_username",
+                                                                     "flagops_registry_password")
+                          if k in inv.cluster),
     )
 
 

@@ -50,6 +50,11 @@ def up(bastion: bool, count: int, json_out: bool) -> None:
             f"lab up ({count} node{'s' * (count > 1)}) in {report['seconds']:.1f}s; inventory: {report['inventory']}; "
             f"flagscale commit {report['flagscale_commit']}"
         )
+        # the lab inventory's registry login reads its password from the environment
+        from flagops.lab import services
+
+        click.echo("before provision: " + services.credential_fixes(f"{services.GATEWAY}:{services.REGISTRY_PORT}")
+                   [services.REGISTRY_PASSWORD_ENV])
 
 
 @lab.command()

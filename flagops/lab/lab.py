@@ -180,7 +180,7 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False, count: int = 
         steps.run("hub_trust", lambda: _trust_hub_ca(client, paths, progress, lab_nodes))
         nodes.prune_node_images(client, keep=node_image)
         local = steps.run("flagos_image", lambda: ensure_image(client, paths.cache, progress))
-        digest = steps.run("push", lambda: push_image(client, local, progress))
+        digest = steps.run("push", lambda: push_image(client, local, progress, paths))
         model = steps.run("model", lambda: ensure_model(client, local, paths.published, progress))
         vllm_commit = steps.run("vllm_repo", lambda: ensure_vllm_repo(paths.git, paths.cache, progress))
         commit = steps.run("git_repo", lambda: ensure_repo(paths.git, paths.cache, progress, vllm_commit))
@@ -192,6 +192,9 @@ def up(paths: LabPaths, progress: Progress, bastion: bool = False, count: int = 
         "hub": f"{services.GATEWAY}:{services.HUB_PORT}",
         "hub_model": "flagops-lab/" + Path(model).name,
         "hub_token_file": str(paths.root / "hub" / "token"),
+        "registry_user": services.REGISTRY_USER,
+        "registry_password_file": str(services.registry_auth_dir(paths) / "password"),
+        "registry_password_env": services.REGISTRY_PASSWORD_ENV,
         "flagscale_repo": f"git://{services.GATEWAY}/FlagScale.git",
         "flagscale_commit": commit,
         "vllm_repo": f"git://{services.GATEWAY}/vllm.git",
@@ -225,11 +228,12 @@ def _trust_hub_ca(client: docker.DockerClient, paths: LabPaths, progress: Progre
     hub_lab.trust_ca(client, paths, [n.container for n in lab_nodes], progress)
 
 
-def _registry_digest() -> str | None:
+def _registry_digest(auth: dict[str, str]) -> str | None:
     """The digest the lab registry holds for ``flagrelease/flagrelease:lab``, if any."""
     url = f"http://{services.LOOPBACK}:{services.REGISTRY_PORT}/v2/{IMAGE_REPO}/manifests/{IMAGE_TAG}"
     accept = "application/vnd.docker.distribution.manifest.v2+json"
-    request = urllib.request.Request(url, method="HEAD", headers={"Accept": accept})
+    headers = {"Accept": accept, **services.basic_auth(auth["username"], auth["password"])}
+    request = urllib.request.Request(url, method="HEAD", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.headers.get("Docker-Content-Digest")
@@ -237,19 +241,26 @@ def _registry_digest() -> str | None:
         return None
 
 
-def push_image(client: docker.DockerClient, local: str, progress: Progress) -> str:
+def registry_auth_config(paths: LabPaths) -> dict[str, str]:
+    """The lab registry's login as the docker SDK takes it (``auth_config``): sent with the
+    request (X-Registry-Auth), never written to a docker config file."""
+    return {"username": services.REGISTRY_USER, "password": services.registry_password(paths)}
+
+
+def push_image(client: docker.DockerClient, local: str, progress: Progress, paths: LabPaths) -> str:
     """Tag ``local`` as the lab image, push it unless the registry holds it; returns the digest."""
+    auth = registry_auth_config(paths)
     image = client.images.get(local)
-    held = _registry_digest()
+    held = _registry_digest(auth)
     if held and f"{PUSH_REPO}@{held}" in image.attrs.get("RepoDigests", []):
         progress(f"registry: {IMAGE_REF} up to date ({held[:19]})")
         return held
     image.tag(PUSH_REPO, IMAGE_TAG)
     progress(f"registry: pushing {local} as {IMAGE_REF}")
-    for event in client.api.push(PUSH_REPO, tag=IMAGE_TAG, stream=True, decode=True):
+    for event in client.api.push(PUSH_REPO, tag=IMAGE_TAG, stream=True, decode=True, auth_config=auth):
         if "error" in event:
             raise LabError(f"push of {PUSH_REPO}:{IMAGE_TAG} failed: {event['error']}")
-    held = _registry_digest()
+    held = _registry_digest(auth)
     if not held:
         raise LabError(f"registry holds no {IMAGE_REPO}:{IMAGE_TAG} after the push")
     return held
@@ -328,7 +339,10 @@ def status(paths: LabPaths) -> dict[str, Any]:
 
         report["bastion"] = bastion.status(client)
     report["services"] = services.services_status(paths)
-    digest = _registry_digest()
+    try:
+        digest = _registry_digest(registry_auth_config(paths))
+    except OSError:  # no password yet: the lab was never up with a registry login
+        digest = None
     report["image"] = {"up": digest is not None, "ref": IMAGE_REF, "digest": digest}
     manifest = paths.published / MODEL_NAME / "manifest.json"
     report["model"] = {"up": manifest.is_file(), "path": str(manifest.parent)}

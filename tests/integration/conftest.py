@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -59,12 +60,25 @@ class Lab:
             command,
         ]
 
-    def ssh(self, node: Node, command: str, timeout: float = 120) -> str:
-        """Run ``command`` (a shell line; quote values with shlex.quote) on ``node``; its stdout."""
+    def ssh(self, node: Node, command: str, timeout: float = 120, stdin: str | None = None) -> str:
+        """Run ``command`` (a shell line; quote values with shlex.quote) on ``node``; its stdout.
+        ``stdin``: what the command reads (secrets go here, never into the command line)."""
         argv = self.ssh_argv(node, command)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
         assert done.returncode == 0, f"{node.hostname}$ {command}\n{done.stdout}{done.stderr}"
         return done.stdout
+
+    def pull(self, node: Node, ref: str, timeout: float = 600) -> str:
+        """``docker pull ref`` on ``node`` with the lab registry's login, as the image role
+        pulls: a throwaway DOCKER_CONFIG, the password on stdin, the directory removed after."""
+        from flagops.lab import services
+
+        q = shlex.quote
+        script = (f"d=$(mktemp -d /dev/shm/flagops-docker-XXXXXX) && trap 'rm -rf \"$d\"' EXIT && "
+                  f"DOCKER_CONFIG=$d docker login -u {q(services.REGISTRY_USER)} --password-stdin "
+                  f"{q(services.GATEWAY)}:{services.REGISTRY_PORT} >/dev/null && "
+                  f"DOCKER_CONFIG=$d docker pull -q {q(ref)}")
+        return self.ssh(node, script, timeout=timeout, stdin=services.registry_password(self.paths) + "\n")
 
 
 @pytest.fixture
@@ -86,6 +100,10 @@ def lab() -> Lab:
     token_file = LabPaths.default().root / "hub" / "token"
     if token_file.is_file():
         os.environ.setdefault("MODELSCOPE_API_TOKEN", token_file.read_text().strip())
+    # the lab registry needs a login: the lab inventory reads its password from the environment
+    from flagops.lab import services
+
+    os.environ.setdefault(services.REGISTRY_PASSWORD_ENV, services.registry_password(LabPaths.default()))
     return Lab(LabPaths.default(), report)
 
 

@@ -11,6 +11,7 @@ import secrets
 import shlex
 import subprocess
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import docker
@@ -56,10 +57,31 @@ def test_each_node_runs_its_own_dockerd(lab: Lab, node: nodes.Node) -> None:
 
 
 def test_node_pulls_from_registry(lab: Lab, node: nodes.Node) -> None:
-    lab.ssh(node, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    lab.pull(node, IMAGE_REF)
     inspect = f"docker image inspect --format '{{{{json .RepoDigests}}}}' {quote(IMAGE_REF)}"
     digests = lab.ssh(node, inspect)
     assert f"{IMAGE_REF.rsplit(':', 1)[0]}@{lab.facts['image_digest']}" in json.loads(digests)
+
+
+def test_registry_refuses_a_pull_without_login(lab: Lab, node: nodes.Node) -> None:
+    """The lab registry demands a login (htpasswd), so the login path a800 takes is real."""
+    out = lab.ssh(node, f"d=$(mktemp -d /dev/shm/flagops-test-XXXXXX); DOCKER_CONFIG=$d docker pull "
+                        f"{quote(IMAGE_REF)} 2>&1; echo rc=$?; rm -rf \"$d\"")
+    assert "rc=0" not in out and "no basic auth credentials" in out, out
+
+
+def test_host_push_keeps_no_registry_login(lab: Lab) -> None:
+    """`lab up` pushes with the SDK's auth_config: the host's docker config holds no login."""
+    from flagops.lab import services
+
+    password = services.registry_password(lab.paths)
+    assert (lab.paths.root / "registry-auth" / "password").stat().st_mode & 0o077 == 0
+    assert (lab.paths.root / "registry-auth" / "htpasswd").stat().st_mode & 0o077 == 0
+    config = Path.home() / ".docker" / "config.json"
+    assert not config.is_file() or password not in config.read_text()
+    url = f"http://{services.LOOPBACK}:{services.REGISTRY_PORT}/v2/"
+    assert services._http_status(url) == 401
+    assert services._http_status(url, services.basic_auth(services.REGISTRY_USER, password)) == 200
 
 
 def test_share_is_shared(lab: Lab) -> None:
@@ -100,7 +122,7 @@ def test_git_server_serves_flagscale(lab: Lab, node: nodes.Node) -> None:
 
 
 def test_privileged_container_runs_in_node(lab: Lab) -> None:
-    lab.ssh(NODE1, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    lab.pull(NODE1, IMAGE_REF)
     inner = "mount -t tmpfs lab /mnt && grep CapEff /proc/self/status"
     run = f"docker run --rm --privileged --net=host {quote(IMAGE_REF)} sh -c {quote(inner)}"
     out = lab.ssh(NODE1, run)
@@ -137,7 +159,7 @@ def test_up_restarts_a_node_that_was_killed_with_containers_running(lab: Lab) ->
     the node back, and its dockerd must restart the containers that have a restart policy."""
     probe = "flagops-test-killed-node-probe"
     lab.ssh(NODE1, f"docker rm -f {probe} >/dev/null 2>&1 || true")
-    lab.ssh(NODE1, f"docker pull -q {quote(IMAGE_REF)}", timeout=600)
+    lab.pull(NODE1, IMAGE_REF)
     lab.ssh(NODE1, f"docker run -d --name {probe} --restart unless-stopped --entrypoint sleep "
                    f"{quote(IMAGE_REF)} infinity")
     try:

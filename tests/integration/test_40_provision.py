@@ -82,6 +82,90 @@ def test_check_diff_changes_nothing(stopped: Lab) -> None:
     assert snapshot(stopped) == before
 
 
+# Where Docker and flagops write on a node; overlay2/ and image/ (image layers, gigabytes)
+# are left out for time: a login never reaches them. containers/*/config.v2.json stays in.
+AT_REST = "/root/.docker /etc/docker /var/lib/docker /root/.flagops /root/.ansible /tmp /run /dev/shm"
+REGISTRY = "172.30.0.1:5000"
+
+
+def at_rest_hits(lab: Lab, password: str) -> dict[str, str]:
+    """Where ``password`` is stored on the nodes: their disks and tmpfs (AT_REST), the
+    share, a throwaway docker config left behind, a login in /root/.docker/config.json,
+    a credential store or helper. {place: what was found}; {} when nowhere."""
+    import base64
+
+    from flagops.lab import services
+
+    # docker keeps a login as base64("user:password"): grep for that form too
+    patterns = password + "\n" + base64.b64encode(f"{services.REGISTRY_USER}:{password}".encode()).decode() + "\n"
+    hits: dict[str, str] = {}
+    excluded = "--exclude-dir=overlay2 --exclude-dir=image --exclude-dir=proc"
+    for n in NODES:
+        # the password goes to grep on stdin (-f -), never into a command line
+        out = lab.ssh(n, f"grep -rlFs -D skip {excluded} -f - {AT_REST} 2>/dev/null; "
+                         "ls -d /dev/shm/flagops-docker-* 2>/dev/null; true", stdin=patterns)
+        if out.strip():
+            hits[n.hostname] = out.strip()
+        raw = lab.ssh(n, "cat /root/.docker/config.json 2>/dev/null; true")
+        conf = json.loads(raw) if raw.strip() else {}
+        kept = {k: v for k, v in conf.items() if k in ("credsStore", "credHelpers")}
+        if REGISTRY in (conf.get("auths") or {}) or kept:
+            hits[f"{n.hostname}:/root/.docker/config.json"] = json.dumps(
+                {"auths": sorted(conf.get("auths") or {}), **kept})
+        # a docker credential helper on the node (none is installed on the lab) must hold nothing
+        helpers = lab.ssh(n, "for h in /usr/bin/docker-credential-* /usr/local/bin/docker-credential-*; do "
+                             "[ -x \"$h\" ] && echo \"$h: $($h list 2>/dev/null)\"; done; true")
+        if REGISTRY in helpers:
+            hits[f"{n.hostname}:credential helper"] = helpers.strip()
+    share = lab.ssh(NODE1, "grep -rlFs -D skip -f - /share 2>/dev/null; true", stdin=patterns)
+    if share.strip():
+        hits["share"] = share.strip()
+    return hits
+
+
+def test_no_registry_credential_at_rest(stopped: Lab) -> None:
+    """A provision that logs in to the (htpasswd) lab registry leaves its password nowhere:
+    not on any node's disk or tmpfs, not in the share, not in the run's artifacts."""
+    from flagops.lab import services
+
+    password = services.registry_password(stopped.paths)
+    runs = Path(os.environ.get("FLAGOPS_HOME") or Path.home() / ".flagops").expanduser() / "runs"
+    before = set(runs.rglob("*"))
+    rc, events = provision(stopped, "--tags", "image")
+    assert rc == 0, result(events)["failures"]
+    logins = [e for e in events if e.get("event") == "runner_on_ok" and e.get("task", "").startswith("Image | log in")]
+    assert {e["host"] for e in logins} == {"node1", "node2"}, "the login path did not run"
+    assert at_rest_hits(stopped, password) == {}
+    new = [p for p in runs.rglob("*") if p not in before and p.is_file()]
+    assert new, runs
+    leaked = [str(p) for p in new if password.encode() in p.read_bytes()]
+    assert leaked == [], "the registry password reached run artifacts"
+    out = "\n".join(json.dumps(e) for e in events)
+    assert password not in out, "the registry password reached --json"
+
+
+def test_at_rest_check_finds_a_planted_login(stopped: Lab) -> None:
+    """The detector above is not blind: a `docker login` kept in node2's
+    /root/.docker/config.json (what flagops did before) is found; the plant is removed."""
+    from flagops.lab import services
+
+    password = services.registry_password(stopped.paths)
+    conf = "/root/.docker/config.json"
+    saved = stopped.ssh(NODE2, f"cat {conf} 2>/dev/null; true")
+    try:
+        stopped.ssh(NODE2, f"docker login -u {services.REGISTRY_USER} --password-stdin {REGISTRY} >/dev/null 2>&1",
+                    stdin=password + "\n")
+        hits = at_rest_hits(stopped, password)
+        assert f"node2:{conf}" in hits, hits
+        assert set(hits) <= {"node2", f"node2:{conf}"}, hits  # node1 and the share stay clean
+    finally:
+        if saved.strip():
+            stopped.ssh(NODE2, f"cat > {conf}", stdin=saved)
+        else:
+            stopped.ssh(NODE2, f"rm -f {conf}")
+    assert at_rest_hits(stopped, password) == {}
+
+
 def _split_layout(root: Path, vaulted: str) -> Path:
     """The lab inventory as many teams keep theirs: hosts in one file, every shared var in
     ``group_vars/all.yml`` (the hub token vault-encrypted), a host's address in ``host_vars/``."""
