@@ -155,6 +155,22 @@ def recover() -> float:
     return took
 
 
+def restarts() -> int:
+    return int((status().get("supervision") or {}).get("restart_count") or 0)
+
+
+def back_unattended(n0: int, limit: float = 300) -> float:
+    """Issue 16: the supervisor brings the service back; nobody runs a command. Seconds."""
+    t0 = time.monotonic()
+    while True:
+        st = status(probe=True)
+        sup = st.get("supervision") or {}
+        if st["state"] == "SERVING" and sup.get("state") == "WATCHING" and sup.get("restart_count", 0) > n0:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < limit, f"not SERVING again within {limit:.0f}s with nobody acting: {st}"
+        time.sleep(1)
+
+
 def node_ids(lab: Lab) -> dict[str, str]:
     """What a provision must never destroy: the FlagOS container (id, start time) and the image."""
     out = {}
@@ -880,12 +896,14 @@ def test_secrets_never_leak(serving: Lab, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_flagos_container_killed_while_serving(serving: Lab) -> None:
+    n0 = restarts()
     serving.ssh(NODE2, "docker kill flagos >/dev/null")
     t0 = time.monotonic()
 
     def degraded() -> dict[str, Any] | None:
         st = status()
-        return st if st["state"] in ("DEGRADED", "UNREACHABLE") and any("node2" in p for p in st["problems"]) else None
+        return st if st["state"] in ("DEGRADED", "UNREACHABLE", "RECOVERING", "FAILED") \
+            and any("node2" in p for p in st["problems"]) else None
 
     st = poll(degraded, 120, 1, "status to report node2")
     detect = time.monotonic() - t0
@@ -893,7 +911,7 @@ def test_flagos_container_killed_while_serving(serving: Lab) -> None:
     by = {c["name"]: c for c in doc["checks"]}
     assert rc == 1 and not doc["ok"]
     assert "node2" in by["cluster.containers"]["reason"] or "node2" in by["cluster.ray"]["reason"], by
-    took = recover()
+    took = back_unattended(n0)
     record("flagos_container_killed", detect_s=round(detect, 1), recover_s=round(took, 1),
            message=st["problems"], verify=[by["cluster.containers"]["reason"], by["cluster.ray"]["reason"]])
 
@@ -903,6 +921,7 @@ def test_raylet_killed_on_worker(serving: Lab) -> None:
     find = ('for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = raylet ] && echo ${p#/proc/}; done; true')
     pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(find)}").split()
     assert len(pids) == 1, pids
+    n0 = restarts()
     serving.ssh(NODE2, f"docker exec flagos kill -9 {int(pids[0])}")
     t0 = time.monotonic()
     want = "Ray is missing node2 (172.30.0.12, 1 CPU)"
@@ -912,10 +931,11 @@ def test_raylet_killed_on_worker(serving: Lab) -> None:
 
     st = poll(named, 120, 1, "status to name node2's raylet")
     detect = time.monotonic() - t0
-    assert st["state"] in ("DEGRADED", "FAILED")  # FAILED: Ray also reports node2's engine worker dead
+    # FAILED: Ray also reports node2's engine worker dead; RECOVERING: the supervisor restarts the group
+    assert st["state"] in ("DEGRADED", "FAILED", "RECOVERING")
     assert st["nodes"]["node2"]["ray"]["member"] is False
     rc, doc = verify_cluster()
     ray = next(c for c in doc["checks"] if c["name"] == "cluster.ray")
     assert rc == 1 and ray["status"] == "fail" and "node2 (172.30.0.12, 1 CPU)" in ray["reason"], ray
-    took = recover()
+    took = back_unattended(n0)
     record("raylet_killed", detect_s=round(detect, 1), recover_s=round(took, 1), message=want, verify=ray["reason"])

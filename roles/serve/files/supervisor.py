@@ -345,13 +345,40 @@ class Supervisor:
             if not (info.get("State") or {}).get("Running") and \
                     ((info.get("Config") or {}).get("Labels") or {}).get(self.spec["owner_label"]) == "true":
                 self.d.start(self.ctr)  # flagops' own container on this host
+            label = self.spec["owner_label"]
+            fmt = shlex.quote("{{.State.Running}} {{index .Config.Labels " + f'"{label}"' + "}}")
+            c = shlex.quote(self.ctr)
+            for w in self.spec.get("workers", []):
+                if now.get(w["name"]) is None:  # a reachable worker whose own container stays stopped
+                    rc, text = self.on_worker(w, f"docker inspect -f {fmt} {c}")
+                    if rc == 0 and text.split() == ["false", "true"]:
+                        self.on_worker(w, f"docker start {c}", timeout=60)
             time.sleep(2)
+
+    def ray_stop_all(self) -> None:
+        """`ray stop` with deploy's grace period on every node at once, as deploy's stop does:
+        FlagScale's own script stops Ray too, but with Ray's default 16 s grace, one node after
+        another, on workers whose raylet still clings to the dead head."""
+        import threading
+
+        grace = str(int(self.spec.get("ray_grace_s", 5)))
+        cmd = self.spec["before_start"] + " && ray stop --grace-period " + grace
+        jobs = [threading.Thread(target=self.d.exec, args=(self.ctr, ["bash", "-c", cmd]), kwargs={"timeout": 60})]
+        c = shlex.quote(self.ctr)
+        for w in self.spec.get("workers", []):
+            remote = f"docker exec {c} bash -c {shlex.quote(cmd)}"
+            jobs.append(threading.Thread(target=self.on_worker, args=(w, remote), kwargs={"timeout": 60}))
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.join(90)
 
     def restart(self, rec: dict) -> tuple[bool, str]:
         """Stop the recorded tree, launch `flagscale serve` as deploy does, record it."""
         if isinstance(rec.get("pid"), int):
             self.d.exec(self.ctr, ["bash", "-c", self.spec["proc_tree"], "proc-tree", "stop", str(rec["pid"]),
                                    str(rec.get("pid_start") or "")], timeout=60)
+        self.ray_stop_all()
         launch = ' && cd "$1" && flagscale serve "$2" && test -s "$3" && cat "$3"'
         argv = ["bash", "-c", self.spec["before_start"] + launch,
                 "flagops-serve", self.spec["workdir"], self.spec["serve_name"], self.spec["pid_file"]]
@@ -361,7 +388,7 @@ class Supervisor:
             return False, f"flagscale serve failed (rc {rc}): {out.strip()[-500:]}"
         pid = int(last)
         _, start = self.d.exec(self.ctr, ["awk", "{print $22}", f"/proc/{pid}/stat"])
-        rec = dict(rec, pid=pid, pid_start=start.strip(), started_at=now_iso(),
+        rec = dict(rec, generation=self.spec["generation"], pid=pid, pid_start=start.strip(), started_at=now_iso(),
                    containers_started_at=self.started_at(), restarted_by="supervisor")
         write_json(self.spec["state_file"], rec)
         return True, f"launched pid {pid}"
@@ -387,7 +414,8 @@ class Supervisor:
         attempt_started = 0.0
         while not STOP:
             rec = read_json(sp["state_file"])
-            if not rec or rec.get("generation") != sp["generation"]:
+            # a record written before supervision existed has no generation: its start time is it
+            if not rec or (rec.get("generation") or rec.get("started_at")) != sp["generation"]:
                 self.save(state="IDLE", reason="no service record of this deploy")
                 time.sleep(poll)
                 continue
