@@ -221,12 +221,12 @@ def test_an_upgrade_that_fails_at_start_rolls_back_by_itself(serving: Lab, tmp_p
 
 def test_flagops_rollback_goes_back_and_forward(serving: Lab, tmp_path: Path) -> None:
     orig = status()["version"]
-    good = _inventory(tmp_path, "max_num_seqs: 256", "max_num_seqs: 64")
+    good = _inventory(tmp_path, "max_model_len: 512 ", "max_model_len: 256 ")  # still fits the bench's 128 + 64
     try:
         done = deploy(good)
         assert done.returncode == 0, done.stderr[-3000:]
         st = watching()
-        assert st["version"]["engine_args"]["max_num_seqs"] == 64, st["version"]
+        assert st["version"]["engine_args"]["max_model_len"] == 256, st["version"]
         assert st["previous"]["fingerprint"] == orig["fingerprint"], st["previous"]
         t0 = time.monotonic()
         back = fo("rollback", "-i", INV, "--json")
@@ -234,7 +234,7 @@ def test_flagops_rollback_goes_back_and_forward(serving: Lab, tmp_path: Path) ->
         assert back.returncode == 0, back.stderr[-3000:]
         st = watching()
         assert st["version"]["fingerprint"] == orig["fingerprint"], st["version"]
-        assert st["previous"]["engine_args"]["max_num_seqs"] == 64, st["previous"]
+        assert st["previous"]["engine_args"]["max_model_len"] == 256, st["previous"]
         record("rollback_command", seconds=round(took, 1))
     finally:
         done = deploy()  # the lab's own release: kept when the rollback already runs it

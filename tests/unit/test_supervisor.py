@@ -238,3 +238,12 @@ def test_demux_reads_dockers_multiplexed_stream() -> None:
     frame = lambda kind, data: bytes([kind, 0, 0, 0]) + struct.pack(">I", len(data)) + data  # noqa: E731
     assert sup._demux(frame(1, b"out ") + frame(2, b"err")) == "out err"
     assert sup._demux(b"plain text") == "plain text"
+
+
+def test_the_record_keeps_its_key_order(tmp_path: Path) -> None:
+    """The record's release snapshot renders FlagScale's files again on a rollback: sorted keys
+    would render other text, another fingerprint and another FlagScale install key."""
+    doc = {"version": {"release": {"serve": {"engine_args": {"model": "m", "host": "0.0.0.0", "b": 1, "a": 2}}}}}
+    sup.write_json(str(tmp_path / "r.json"), doc)
+    back = json.loads((tmp_path / "r.json").read_text())
+    assert list(back["version"]["release"]["serve"]["engine_args"]) == ["model", "host", "b", "a"]

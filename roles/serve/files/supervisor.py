@@ -78,9 +78,10 @@ def read_json(path: str) -> dict | None:
 
 
 def write_json(path: str, doc: dict, mode: int = 0o644) -> None:
+    """Atomically; keys in their order (the record's release snapshot renders the same files)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
+        json.dump(doc, f, indent=2)
         f.write("\n")
     os.chmod(tmp, mode)
     os.replace(tmp, path)
