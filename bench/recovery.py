@@ -13,14 +13,12 @@ Needs a provisioned, serving lab; the tests leave it SERVING. Hold the lab lock:
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import _labtest
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "recovery.json"
@@ -37,27 +35,14 @@ def deploy_restart_s() -> float:
 
 def main() -> int:
     one_deploy = deploy_restart_s()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = Path(tmp) / "recovery.json"
-        argv = [sys.executable, "-m", "pytest", "-m", "lab", "tests/integration/test_74_recovery.py", "-v", "-s",
-                "-p", "no:cacheprovider", *sys.argv[1:]]
-        t0 = time.monotonic()
-        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                              env=dict(os.environ, FLAGOPS_FAULTS_OUT=str(res)))
-        wall = time.monotonic() - t0
-        results = json.loads(res.read_text()) if res.exists() else {}
-    outcomes = dict(re.findall(r"test_74_recovery\.py::(\w+) (PASSED|FAILED|ERROR|SKIPPED)", done.stdout))
+    ran = _labtest.run("tests/integration/test_74_recovery.py", "FLAGOPS_FAULTS_OUT", sys.argv[1:])
+    results = ran["results"]
     goal = {name: {"serving_s": r["serving_s"], "goal_s": round(min(r["detect_s"], 10) + one_deploy, 1),
                    "met": r["serving_s"] <= min(r["detect_s"], 10) + one_deploy}
             for name, r in results.items() if "serving_s" in r}
-    doc = {"wall_s": round(wall, 1), "pytest_rc": done.returncode, "tests": outcomes,
+    doc = {"wall_s": round(ran["wall"], 1), "pytest_rc": ran["done"].returncode, "tests": ran["outcomes"],
            "one_deploy_restart_s": one_deploy, "goal": goal, "results": results}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=1, sort_keys=True).replace(str(REPO), "<repo>").replace(str(Path.home()), "~")
-    OUT.write_text(text + "\n")
-    print(done.stdout[-4000:])
-    print(f"wrote {OUT.relative_to(REPO)} ({wall:.0f}s, rc {done.returncode})")
-    return done.returncode
+    return _labtest.write(OUT, doc, ran)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,23 @@ def _parse_timeouts(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _progress(json_out: bool) -> tuple[Any, Any]:
+    """deploy's and rollback's live output: the playbook's action, then each readiness stage."""
+
+    def on_played(action: str, seconds: float) -> None:
+        if not json_out:
+            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
+
+    def on_stage(st: Any) -> None:
+        if json_out:
+            _emit_json({"event": "stage", **vars(st)})
+        else:
+            mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
+            click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
+
+    return on_played, on_stage
+
+
 @click.command()
 @click.argument("release")
 @click.option("-i", "--inventory", metavar="INVENTORY", help="Default: the last provisioned inventory.")
@@ -67,20 +84,11 @@ def deploy(release: str, inventory: str | None, timeouts: tuple[str, ...], resta
     Re-running with nothing changed keeps the service up. A changed engine argument
     or env value restarts it, Ray included.
     """
-    from flagops import api, service
+    from flagops import api
 
     limits = _parse_timeouts(timeouts)
 
-    def on_played(action: str, seconds: float) -> None:
-        if not json_out:
-            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
-
-    def on_stage(st: service.Stage) -> None:
-        if json_out:
-            _emit_json({"event": "stage", **vars(st)})
-        else:
-            mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
-            click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
+    on_played, on_stage = _progress(json_out)
 
     def on_check(report: Any) -> None:
         if json_out:
@@ -148,20 +156,11 @@ def _report(ready: Any, json_out: bool) -> None:
 @json_option
 @handle_errors
 def rollback(inventory: str | None, release: str | None, timeouts: tuple[str, ...], json_out: bool) -> None:
-    """Deploy the version before the running one again (image, FlagScale commit, configs and
-    engine args as recorded); the running one becomes the previous (roll forward the same way)."""
-    from flagops import api, service
+    """Deploy the version before the running one again (its recorded configs, FlagScale commit
+    and engine args); the running one becomes the previous (roll forward the same way)."""
+    from flagops import api
 
-    def on_played(action: str, seconds: float) -> None:
-        if not json_out:
-            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
-
-    def on_stage(st: service.Stage) -> None:
-        if json_out:
-            _emit_json({"event": "stage", **vars(st)})
-        else:
-            mark = click.style("ok", fg="green") if st.ok else click.style("FAILED", fg="red")
-            click.echo(f"  {st.name:<13} {mark}  {st.seconds:7.1f}s  {st.detail}")
+    on_played, on_stage = _progress(json_out)
 
     ready = api.rollback(inventory, release, timeouts=_parse_timeouts(timeouts), on_stage=on_stage,
                          on_played=on_played, json_out=json_out, on_takeover=takeover_notice)
