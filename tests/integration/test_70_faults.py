@@ -936,6 +936,8 @@ def test_raylet_killed_on_worker(serving: Lab) -> None:
     assert st["nodes"]["node2"]["ray"]["member"] is False
     rc, doc = verify_cluster()
     ray = next(c for c in doc["checks"] if c["name"] == "cluster.ray")
-    assert rc == 1 and ray["status"] == "fail" and "node2 (172.30.0.12, 1 CPU)" in ray["reason"], ray
+    assert rc == 1 and ray["status"] == "fail", ray
+    # node2 missing; or, once the supervisor has begun its group restart, the head is down too
+    assert "node2 (172.30.0.12, 1 CPU)" in ray["reason"] or "not answering" in ray["reason"], ray
     took = back_unattended(n0)
     record("raylet_killed", detect_s=round(detect, 1), recover_s=round(took, 1), message=want, verify=ray["reason"])
