@@ -474,6 +474,8 @@ class Supervisor:
             if STOP:
                 break
             self.wait_nodes(float(sp.get("start_timeout_s", 900)))
+            if STOP:  # stopped while a node was still down: launch nothing
+                break
             attempt_started = time.time()
             ok, detail = self.restart(read_json(sp["state_file"]) or rec)
             entry["launch"] = detail
