@@ -234,6 +234,38 @@ def test_a_first_start_is_deploys_to_judge_and_another_deploy_is_not_ours(env: d
     assert json.loads(Path(env["spec"]["status_file"]).read_text())["state"] == "STOPPED"
 
 
+def test_a_supervisor_restarted_after_its_own_launch_judges_that_start_not_a_failure(
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script died (dockerd brought it back) while the group it relaunched was loading:
+    a loading engine is its start to wait for, not two failed health checks of a WATCHING one."""
+    d, s, web = env["docker"], env["sup"], env["web"]
+    rec = json.loads(env["state"].read_text())
+    rec.update(pid=201, pid_start="777")
+    env["state"].write_text(json.dumps(rec))
+    d.alive_pids[201] = "777"
+    web["health"] = 0  # loading
+    s.status = {"generation": "g1", "armed": True, "state": "RECOVERING", "restart_count": 1,
+                "restarts": [{"epoch": sup.time.time() - 1, "cause": "node1: serve process 100 exited",
+                              "attempt": 1, "ok": False, "launch": "launched pid 201",
+                              "launched_epoch": sup.time.time() - 1}]}
+    env["spec"]["start_timeout_s"] = 60
+    polls = iter(range(100))
+
+    def load_then_serve(_s: float) -> None:
+        i = next(polls)
+        web["health"] = 200 if i >= 6 else 0
+        st = json.loads(Path(env["spec"]["status_file"]).read_text())
+        if st["state"] == "WATCHING" or i > 50:
+            sup.STOP = True
+
+    monkeypatch.setattr(sup.time, "sleep", load_then_serve)
+    s.run()
+    st = json.loads(Path(env["spec"]["status_file"]).read_text())
+    assert d.launches == 0, "relaunched a start that was only loading"
+    assert st["restarts"][-1]["ok"] is True and st["restarts"][-1]["seconds_to_serving"] >= 0
+    assert st["restart_count"] == 1 and st["serving_pid"] == 201
+
+
 def test_demux_reads_dockers_multiplexed_stream() -> None:
     frame = lambda kind, data: bytes([kind, 0, 0, 0]) + struct.pack(">I", len(data)) + data  # noqa: E731
     assert sup._demux(frame(1, b"out ") + frame(2, b"err")) == "out err"

@@ -407,12 +407,17 @@ class Supervisor:
             self.status = {"generation": sp["generation"], "restarts": [], "armed": False}
         # phases: "first" (deploy's start, not judged), "watch" (armed), "restarting" (our start)
         phase = "watch" if self.status.get("armed") else "first"
+        attempt_started = 0.0
+        last = (self.status.get("restarts") or [{}])[-1]
         if self.status.get("state") == "FAILED":
             phase = "failed"
-        self.save(state={"first": "STARTING", "watch": "WATCHING", "failed": "FAILED"}[phase],
-                  supervisor_started_at=now_iso())
+        elif self.status.get("state") == "RECOVERING" and last.get("launched_epoch") and not last.get("ok"):
+            # this script died after its own launch (a crash, dockerd restarted it): that
+            # start is still ours to judge, not a failure of a WATCHING service
+            phase, attempt_started = "restarting", float(last["launched_epoch"])
+        self.save(state={"first": "STARTING", "watch": "WATCHING", "failed": "FAILED",
+                         "restarting": "RECOVERING"}[phase], supervisor_started_at=now_iso())
         log(f"supervising {sp['serve_name']} (generation {sp['generation']}, {phase})")
-        attempt_started = 0.0
         while not STOP:
             rec = read_json(sp["state_file"])
             # a record written before supervision existed has no generation: its start time is it
@@ -478,7 +483,7 @@ class Supervisor:
                 break
             attempt_started = time.time()
             ok, detail = self.restart(read_json(sp["state_file"]) or rec)
-            entry["launch"] = detail
+            entry["launch"], entry["launched_epoch"] = detail, attempt_started
             phase, self.bad_health = "restarting", 0
             self.unreachable.clear()
             self.save(state="RECOVERING")
