@@ -41,7 +41,7 @@ class RunReport:
 class DeployResult:
     ok: bool
     release: str
-    action: str  # what the serve role did: started / restarted / kept / ...
+    action: str  # what the serve role did: start / restart / keep
     state: ServiceState
     reason: str
     endpoint: str
@@ -53,6 +53,7 @@ class DeployResult:
     check: dict[str, Any] = field(default_factory=dict)
     # an upgrade that did not reach SERVING: the version flagops went back to, and how that went
     rollback: dict[str, Any] = field(default_factory=dict)
+    action_reason: str = ""  # why the serve role chose ``action``
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -213,7 +214,7 @@ def run_check(cfg: Any, *, collective: bool = True, on_takeover: Callable[[state
 
 def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[str, float] | None = None,
            restart: bool = False, on_stage: Callable[[Any], None] | None = None,
-           on_played: Callable[[str, float], None] | None = None, force: bool = False,
+           on_played: Callable[[str, float, str], None] | None = None, force: bool = False,
            on_check: Callable[[Any], None] | None = None, auto_rollback: bool = True,
            on_rollback: Callable[[DeployResult, dict[str, Any]], None] | None = None,
            **options: Any) -> DeployResult:
@@ -265,7 +266,7 @@ def deploy(release: str, inventory: str | Path | None = None, *, timeouts: dict[
 
 
 def _launch(cfg: Any, extra: dict[str, Any], timeouts: dict[str, float] | None,
-            on_stage: Callable[[Any], None] | None, on_played: Callable[[str, float], None] | None,
+            on_stage: Callable[[Any], None] | None, on_played: Callable[[str, float, str], None] | None,
             t0: float, options: dict[str, Any]) -> DeployResult:
     """playbooks/deploy.yml with ``cfg``'s release, then staged readiness."""
     import time
@@ -275,9 +276,10 @@ def _launch(cfg: Any, extra: dict[str, Any], timeouts: dict[str, float] | None,
 
     report = run(cfg, "deploy", flagops_extra=extra, **options)
     action = str(report.fact("serve_action", "unknown"))
+    why = str(report.fact("serve_action_reason", ""))
     t_play = time.monotonic() - t0
     if on_played:
-        on_played(action, t_play)
+        on_played(action, t_play, why)
     with Nodes(cfg) as nodes:
         ready = service.wait_ready(cfg, nodes, timeouts, on_stage)
     total = time.monotonic() - t0
@@ -285,7 +287,7 @@ def _launch(cfg: Any, extra: dict[str, Any], timeouts: dict[str, float] | None,
         ok=ready.ok, release=cfg.release_name, action=action, state=ready.state, reason=ready.reason,
         endpoint=service.endpoint(cfg), model=service.served_model(cfg),
         seconds={"playbook": round(t_play, 2), "readiness": round(total - t_play, 2), "total": round(total, 2)},
-        stages=[vars(s) for s in ready.stages], logs=ready.logs,
+        stages=[vars(s) for s in ready.stages], logs=ready.logs, action_reason=why,
     )
 
 
@@ -301,7 +303,7 @@ def service_record(cfg: Any) -> dict[str, Any] | None:
 
 def rollback(inventory: str | Path | None = None, release: str | None = None, *,
              timeouts: dict[str, float] | None = None, on_stage: Callable[[Any], None] | None = None,
-             on_played: Callable[[str, float], None] | None = None, **options: Any) -> DeployResult:
+             on_played: Callable[[str, float, str], None] | None = None, **options: Any) -> DeployResult:
     """Deploy the version before the running one again (its recorded release); the running
     one becomes "previous" (a second rollback goes forward again)."""
     import time

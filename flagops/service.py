@@ -52,7 +52,13 @@ class ServiceState(enum.StrEnum):
 
 S = ServiceState
 STAGES = (S.RAY_FORMING, S.RAY_READY, S.LOADING, S.MODEL_LISTED, S.SERVING)
-DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0}
+DEFAULT_TIMEOUTS = {"RAY_READY": 300.0, "LOADING": 3600.0, "MODEL_LISTED": 120.0, "SERVING": 300.0,
+                    "SUPERVISED": 1200.0}
+# After SERVING, deploy waits until the supervisor has seen this very process serve (it polls
+# every 2 s). A supervisor that does not within ARM_S (not running, STARTING) fails the stage;
+# one that is RECOVERING (it saw a failure after the deploy's readiness) is waited for, up to
+# SUPERVISED: its own start timeout (900 s) and backoffs bound each of its restarts.
+ARM_S = 60.0
 POLL_S = 0.25
 PROC_TREE = resources.data("roles", "serve", "files", "proc_tree.sh")
 
@@ -357,9 +363,63 @@ def wait_ready(
             res.logs = failure_logs(cfg, nodes)
             return res
         res.state = name
+    ok, state, detail, secs = _wait_supervised(cfg, nodes, t["SUPERVISED"])
+    if detail:  # "" : no supervisor on this deploy (serve_supervise off), no stage
+        stage = Stage("SUPERVISED", ok, round(secs, 3), detail, at=time.time())
+        res.stages.append(stage)
+        if on_stage:
+            on_stage(stage)
+    if not ok:
+        res.state, res.reason = state, f"stopped before SUPERVISED: {detail}"
+        res.logs = failure_logs(cfg, nodes)
+        return res
     res.ok = True
     res.ready_at = time.time()
     return res
+
+
+def judge_supervision(sup: dict[str, Any], proc: dict[str, Any]) -> tuple[str, str]:
+    """What the supervisor says of the recorded service, after deploy's readiness passed:
+    ``("armed" | "wait" | "failed" | "absent", detail)``. ``sup`` is :func:`supervision`,
+    ``proc`` :func:`serve_process` (the record as it is now: a supervisor restart rewrites it)."""
+    rec = proc.get("record") or {}
+    if sup.get("known") and not sup.get("present"):
+        return "absent", ""
+    if not sup.get("known"):
+        return "wait", f"supervisor not readable: {sup.get('reason')}"
+    if not sup.get("running"):
+        return "wait", f"supervisor container {sup.get('container')} not running"
+    if sup.get("generation") != rec.get("generation"):
+        return "wait", f"supervisor not yet on this deploy (state {sup.get('state')})"
+    state, cause = sup.get("state"), sup.get("last_cause")
+    if state == "FAILED":
+        return "failed", f"supervision gave up: {sup.get('reason')}; last cause: {cause}"
+    if state == "RECOVERING":
+        return "wait", f"supervisor recovering (restart {sup.get('restart_count')}): {cause}"
+    if state == "WATCHING" and sup.get("serving_pid") == rec.get("pid") and proc.get("alive"):
+        after = f" after {sup.get('restart_count')} restart(s), last: {cause}" if sup.get("restart_count") else ""
+        return "armed", f"supervisor WATCHING pid {rec.get('pid')}{after}"
+    return "wait", f"supervisor {state}, not yet seen pid {rec.get('pid')} serve"
+
+
+def _wait_supervised(cfg: Config, nodes: Nodes, timeout: float) -> tuple[bool, ServiceState, str, float]:
+    """Until the supervisor is armed on the recorded process (deploy returns 0 only then, so
+    status agrees with it and a failure right after deploy is recovered)."""
+    t0 = time.monotonic()
+    recovered = False
+    while True:
+        verdict, detail = judge_supervision(supervision(cfg, nodes), serve_process(cfg, nodes))
+        took = time.monotonic() - t0
+        if verdict == "absent":
+            return True, S.SERVING, "", took
+        if verdict == "armed":
+            return True, S.SERVING, detail, took
+        if verdict == "failed":
+            return False, S.FAILED, detail, took
+        recovered = recovered or detail.startswith("supervisor recovering")
+        if took > timeout or (took > ARM_S and not recovered):
+            return False, S.RECOVERING if recovered else S.SERVING, f"timed out after {took:.0f}s: {detail}", took
+        time.sleep(0.5)
 
 
 def failure_logs(cfg: Config, nodes: Nodes, lines: int = 30) -> dict[str, str]:

@@ -49,9 +49,10 @@ def _parse_timeouts(values: tuple[str, ...]) -> dict[str, float]:
 def _progress(json_out: bool) -> tuple[Any, Any]:
     """deploy's and rollback's live output: the playbook's action, then each readiness stage."""
 
-    def on_played(action: str, seconds: float) -> None:
+    def on_played(action: str, seconds: float, why: str = "") -> None:
         if not json_out:
-            click.echo(f"service: {action} ({seconds:.1f}s of flagops + ansible); readiness:")
+            click.echo(f"service: {action}{f' ({why})' if why else ''}; {seconds:.1f}s of flagops + ansible; "
+                       "readiness:")
 
     def on_stage(st: Any) -> None:
         if json_out:
@@ -71,7 +72,7 @@ def _progress(json_out: bool) -> tuple[Any, Any]:
     "timeouts",
     multiple=True,
     metavar="STAGE=SECONDS",
-    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).",
+    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING, SUPERVISED).",
 )
 @click.option("--restart", is_flag=True, help="Restart even when nothing changed.")
 @click.option("--force", is_flag=True, help="Launch even when flagops check fails (says what it skipped).")
@@ -151,7 +152,7 @@ def _report(ready: Any, json_out: bool) -> None:
     "timeouts",
     multiple=True,
     metavar="STAGE=SECONDS",
-    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING).",
+    help="Per-stage readiness timeout (RAY_READY, LOADING, MODEL_LISTED, SERVING, SUPERVISED).",
 )
 @json_option
 @handle_errors

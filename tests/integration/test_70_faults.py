@@ -401,6 +401,35 @@ def test_worker_paused_during_provision(serving: Lab) -> None:
            message=[ln.strip() for ln in text.splitlines() if "node2: ssh:" in ln][:1])
 
 
+def test_deploy_during_an_unattended_recovery_takes_it_over(serving: Lab) -> None:
+    """node2's pipeline-stage worker killed; while the supervisor restarts the group the operator
+    runs deploy. Deploy does not keep a service under someone else's restart: it stops
+    supervision, restarts the group itself, and returns only once a new supervisor has seen its
+    launch serve, so status says SERVING (not RECOVERING) the moment deploy exits 0."""
+    poll(lock_free, 600, 1, "the lock to be free")
+    if status()["supervision"].get("state") != "WATCHING":
+        back_unattended(-1)
+    find = ('for p in /proc/[0-9]*; do c=$(tr "\\0" " " < $p/cmdline 2>/dev/null); '
+            'case "$c" in "ray::RayWorker"*) echo ${p#/proc/};; esac; done; true')
+    pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(find)}").split()
+    assert pids, "no Ray engine worker in node2's container"
+    serving.ssh(NODE2, "docker exec flagos kill -9 " + " ".join(str(int(p)) for p in pids))
+    poll(lambda: status()["supervision"].get("state") == "RECOVERING", 60, 0.5, "the supervisor to recover")
+    rc, out, err, took = fo("deploy", "ernie45", "-i", INV, "--json")
+    assert rc == 0, err[-3000:]
+    res = next(d for d in reversed(json_lines(out)) if "action" in d)
+    assert res["action"] == "restart", res
+    assert "the supervisor is RECOVERING" in res["action_reason"] and "deploy takes over" in res["action_reason"], res
+    last = res["stages"][-1]
+    assert last["name"] == "SUPERVISED" and last["ok"] and "WATCHING" in last["detail"], res["stages"]
+    st = status(probe=True)
+    sup = st["supervision"]
+    assert st["state"] == "SERVING", st
+    assert sup["state"] == "WATCHING" and sup["restart_count"] == 0, sup  # a new deploy's supervisor
+    assert sup["serving_pid"] == st["nodes"]["node1"]["serve"]["pid"], (sup, st["nodes"]["node1"]["serve"])
+    record("deploy_during_recovery", deploy_s=round(took, 1), reason=res["action_reason"])
+
+
 # --------------------------------------------------------------------------- 2. registry down
 
 

@@ -112,3 +112,35 @@ def test_recovering_wins_while_the_supervisor_restarts_even_over_an_unreachable_
     # nothing recorded (stopped): a stale supervisor status never makes it RECOVERING
     assert derive_state(**{**base, "unreachable": False, "recorded": False, "engine_dead": False,
                            "problems": False}, recovering=True) is ServiceState.STOPPED
+
+
+# --------------------------------------------------------------------------- deploy's SUPERVISED stage
+
+SUP = {"known": True, "present": True, "running": True, "container": "flagops-supervisor-ernie45",
+       "generation": "g1", "state": "WATCHING", "serving_pid": 201, "restart_count": 0, "last_cause": None,
+       "reason": None}
+PROC = {"recorded": True, "alive": True, "pid": 201, "record": {"generation": "g1", "pid": 201}}
+
+
+@pytest.mark.parametrize(("sup", "proc", "verdict", "words"), [
+    ({}, {}, "armed", "WATCHING pid 201"),
+    ({"present": False, "running": False}, {}, "absent", ""),                     # serve_supervise off
+    ({"state": "FAILED", "reason": "3 restarts", "last_cause": "node2: died"}, {}, "failed", "node2: died"),
+    ({"state": "RECOVERING", "restart_count": 1, "last_cause": "node2: unreachable"}, {}, "wait",
+     "recovering (restart 1): node2: unreachable"),
+    ({"state": "STARTING", "serving_pid": None}, {}, "wait", "not yet seen pid 201 serve"),
+    # its restart rewrote the record (pid 202) but it has not seen that process serve yet
+    ({"serving_pid": 201}, {"pid": 202, "record": {"generation": "g1", "pid": 202}}, "wait", "pid 202"),
+    ({"generation": "g0"}, {}, "wait", "not yet on this deploy"),                 # the old supervisor's status
+    ({"running": False}, {}, "wait", "not running"),
+    ({"known": False, "reason": "ssh: timeout"}, {}, "wait", "ssh: timeout"),
+    ({}, {"alive": False}, "wait", "not yet seen"),                              # the process it saw is gone
+    ({"restart_count": 1, "last_cause": "node2: rebooted"}, {}, "armed", "after 1 restart(s), last: node2: rebooted"),
+])
+def test_deploy_returns_only_once_the_supervisor_has_seen_the_recorded_process_serve(
+        sup: dict[str, Any], proc: dict[str, Any], verdict: str, words: str) -> None:
+    from flagops.service import judge_supervision
+
+    got, detail = judge_supervision({**SUP, **sup}, {**PROC, **proc})
+    assert got == verdict
+    assert words in detail
