@@ -266,6 +266,44 @@ def test_a_supervisor_restarted_after_its_own_launch_judges_that_start_not_a_fai
     assert st["restart_count"] == 1 and st["serving_pid"] == 201
 
 
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+def test_a_restart_interrupted_before_its_launch_is_no_restart(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                               how: str) -> None:
+    """The master shutting down: the supervisor sees the engine die, then is stopped itself
+    before it launched anything (SIGTERM in its backoff, or killed outright). Back after the
+    reboot it restarts the group once: restart 1, not 2, and the crash-loop window agrees."""
+    d, s = env["docker"], env["sup"]
+    d.alive_pids.clear()  # the engine died with the shutdown
+    env["spec"]["backoff_s"] = [5, 5, 5]
+    s.status = {"generation": "g1", "restarts": [], "armed": True, "state": "WATCHING"}
+    if how == "sigterm":
+        monkeypatch.setattr(sup.time, "sleep", lambda _s: setattr(sup, "STOP", True))
+        s.run()
+    else:  # what a kill -9 in the backoff leaves: RECOVERING, an attempt with no launch
+        s.status.update(state="RECOVERING", restart_count=1, restarts=[
+            {"at": sup.now_iso(), "epoch": sup.time.time(), "cause": "node1: serve process 100 exited",
+             "attempt": 1, "ok": False}])
+        s.save()
+    assert d.launches == 0
+    env["spec"]["backoff_s"] = [0, 0, 0]
+    sup.STOP = False
+    s2 = sup.Supervisor(env["spec"], d)
+    rounds = iter(range(100))
+
+    def until_serving(_s: float) -> None:
+        st = json.loads(Path(env["spec"]["status_file"]).read_text())
+        if st["state"] == "WATCHING" and d.launches or next(rounds) > 50:
+            sup.STOP = True
+
+    monkeypatch.setattr(sup.time, "sleep", until_serving)
+    s2.run()
+    st = json.loads(Path(env["spec"]["status_file"]).read_text())
+    assert d.launches == 1
+    assert st["restart_count"] == 1, st
+    assert [r.get("interrupted", False) for r in st["restarts"]] == [True, False]
+    assert st["restarts"][-1]["attempt"] == 1 and st["restarts"][-1]["ok"] is True
+
+
 def test_demux_reads_dockers_multiplexed_stream() -> None:
     frame = lambda kind, data: bytes([kind, 0, 0, 0]) + struct.pack(">I", len(data)) + data  # noqa: E731
     assert sup._demux(frame(1, b"out ") + frame(2, b"err")) == "out err"

@@ -400,6 +400,14 @@ class Supervisor:
         self.status.update(kv, updated_at=now_iso(), updated_epoch=time.time())
         write_json(self.spec["status_file"], self.status)
 
+    def interrupted(self, entry: dict) -> None:
+        """A restart that launched nothing (this script stopped first: `docker stop`, the master
+        shutting down) is no restart: not counted, not in the crash-loop window."""
+        if not entry.get("interrupted"):
+            entry["interrupted"] = True
+            self.status["restart_count"] = max(0, int(self.status.get("restart_count", 0)) - 1)
+            self.save()
+
     def run(self) -> int:
         sp = self.spec
         poll = float(sp.get("poll_s", 2))
@@ -409,6 +417,8 @@ class Supervisor:
         phase = "watch" if self.status.get("armed") else "first"
         attempt_started = 0.0
         last = (self.status.get("restarts") or [{}])[-1]
+        if self.status.get("restarts") and not last.get("launch") and not last.get("ok"):
+            self.interrupted(last)  # killed before its launch (no SIGTERM handled): no restart made
         if self.status.get("state") == "FAILED":
             phase = "failed"
         elif self.status.get("state") == "RECOVERING" and last.get("launched_epoch") and not last.get("ok"):
@@ -453,7 +463,8 @@ class Supervisor:
                 continue
             # ---- a failure: count, collect, back off, restart the group
             window, limit = float(sp.get("window_s", 600)), int(sp.get("max_restarts", 3))
-            recent = [r for r in st["restarts"] if time.time() - r.get("epoch", 0) < window]
+            recent = [r for r in st["restarts"]
+                      if not r.get("interrupted") and time.time() - r.get("epoch", 0) < window]
             log(f"failure: {cause}")
             if len(recent) >= limit:
                 phase = "failed"
@@ -476,10 +487,10 @@ class Supervisor:
             t_wait = time.monotonic()
             while time.monotonic() - t_wait < delay and not STOP:
                 time.sleep(0.2)
-            if STOP:
-                break
-            self.wait_nodes(float(sp.get("start_timeout_s", 900)))
-            if STOP:  # stopped while a node was still down: launch nothing
+            if not STOP:
+                self.wait_nodes(float(sp.get("start_timeout_s", 900)))
+            if STOP:  # stopped in the backoff or while a node was still down: launch nothing
+                self.interrupted(entry)
                 break
             attempt_started = time.time()
             ok, detail = self.restart(read_json(sp["state_file"]) or rec)
