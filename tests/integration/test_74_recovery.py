@@ -172,6 +172,33 @@ def test_master_node_reboot_recovers_unattended(serving: Lab) -> None:
     unattended("master_node_reboot", "node1", before, t0, named_within=30)  # ssh to node1 is down while it boots
 
 
+@pytest.mark.parametrize("when", ["before_launch", "after_launch"])
+def test_supervisor_restarted_mid_recovery_restarts_the_group_once(serving: Lab, when: str) -> None:
+    """The supervisor's own container restarted (SIGTERM, dockerd starts it again) while it
+    recovers a killed stage worker: before its launch the attempt is no restart; after it, the
+    supervisor judges its own start. Either way the group restarts once and serves again."""
+    n0 = int((status().get("supervision") or {}).get("restart_count") or 0)
+    pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(FIND_WORKER)}").split()
+    assert pids, "no Ray engine worker in node2's container"
+    serving.ssh(NODE2, "docker exec flagos kill -9 " + " ".join(str(int(p)) for p in pids))
+    t0 = time.monotonic()
+    while True:
+        sup = status().get("supervision") or {}
+        last = sup.get("last_restart") or {}
+        if sup.get("state") == "RECOVERING" and sup.get("restart_count", 0) > n0 and \
+                (when == "before_launch" or (last.get("launch") and not last.get("ok"))):
+            break
+        assert time.monotonic() - t0 < 120, f"the supervisor never reached {when}: {sup}"
+        time.sleep(0.3)
+    serving.ssh(NODE1, "docker restart -t 120 flagops-supervisor-ernie45 >/dev/null", timeout=180)
+    final = watching(BACK_S)
+    sup = final["supervision"]
+    record(f"supervisor_restarted_{when}", serving_s=round(time.monotonic() - t0, 1),
+           restarts=sup.get("restart_count"), cause=sup.get("last_cause"))
+    assert sup["restart_count"] == n0 + 1, sup
+    assert (sup.get("last_restart") or {}).get("ok") is True, sup
+
+
 def test_stop_stops_supervision_first_and_stays_stopped(serving: Lab) -> None:
     try:
         done = fo("stop", "-i", INV, "--json")

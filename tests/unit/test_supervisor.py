@@ -234,9 +234,10 @@ def test_a_first_start_is_deploys_to_judge_and_another_deploy_is_not_ours(env: d
     assert json.loads(Path(env["spec"]["status_file"]).read_text())["state"] == "STOPPED"
 
 
+@pytest.mark.parametrize("state", ["RECOVERING", "STOPPED"])  # killed / SIGTERM while it launched
 def test_a_supervisor_restarted_after_its_own_launch_judges_that_start_not_a_failure(
-        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The script died (dockerd brought it back) while the group it relaunched was loading:
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, state: str) -> None:
+    """The script stopped (dockerd started it again) while the group it relaunched was loading:
     a loading engine is its start to wait for, not two failed health checks of a WATCHING one."""
     d, s, web = env["docker"], env["sup"], env["web"]
     rec = json.loads(env["state"].read_text())
@@ -244,7 +245,7 @@ def test_a_supervisor_restarted_after_its_own_launch_judges_that_start_not_a_fai
     env["state"].write_text(json.dumps(rec))
     d.alive_pids[201] = "777"
     web["health"] = 0  # loading
-    s.status = {"generation": "g1", "armed": True, "state": "RECOVERING", "restart_count": 1,
+    s.status = {"generation": "g1", "armed": True, "state": state, "restart_count": 1,
                 "restarts": [{"epoch": sup.time.time() - 1, "cause": "node1: serve process 100 exited",
                               "attempt": 1, "ok": False, "launch": "launched pid 201",
                               "launched_epoch": sup.time.time() - 1}]}

@@ -421,9 +421,9 @@ class Supervisor:
             self.interrupted(last)  # killed before its launch (no SIGTERM handled): no restart made
         if self.status.get("state") == "FAILED":
             phase = "failed"
-        elif self.status.get("state") == "RECOVERING" and last.get("launched_epoch") and not last.get("ok"):
-            # this script died after its own launch (a crash, dockerd restarted it): that
-            # start is still ours to judge, not a failure of a WATCHING service
+        elif last.get("launched_epoch") and not last.get("ok") and not last.get("interrupted"):
+            # this script stopped after its own launch (SIGTERM mid-launch, a crash; dockerd
+            # started it again): that start is still ours to judge, not a failure of a WATCHING one
             phase, attempt_started = "restarting", float(last["launched_epoch"])
         self.save(state={"first": "STARTING", "watch": "WATCHING", "failed": "FAILED",
                          "restarting": "RECOVERING"}[phase], supervisor_started_at=now_iso())
