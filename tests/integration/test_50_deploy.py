@@ -63,9 +63,12 @@ def test_deploy_reaches_serving_through_every_stage(provisioned: Lab) -> None:
     res = deploy(provisioned)
     assert res["ok"], (res["reason"], res["logs"])
     assert res["state"] == "SERVING"
-    assert [s["name"] for s in res["stages"]] == ["RAY_READY", "LOADING", "MODEL_LISTED", "SERVING"]
+    assert [s["name"] for s in res["stages"]] == ["RAY_READY", "LOADING", "MODEL_LISTED", "SERVING", "SUPERVISED"]
     assert all(s["ok"] for s in res["stages"])
     assert res["stages"][0]["detail"].startswith("2/2 CPU registered")
+    # deploy returned once the supervisor watches the very process it launched
+    assert res["stages"][-1]["detail"].startswith("supervisor WATCHING pid "), res["stages"][-1]
+    assert status(provisioned)["supervision"]["state"] == "WATCHING"
 
 
 def test_pipeline_stages_span_both_nodes(provisioned: Lab) -> None:
