@@ -234,6 +234,7 @@ def supervision(cfg: Config, nodes: Nodes) -> dict[str, Any]:
         "last_cause": doc.get("last_cause"),
         "last_restart": ({k: v for k, v in restarts[-1].items() if k != "epoch"} if restarts else None),
         "reason": doc.get("reason"),
+        "warning": doc.get("warning"),  # seen, not acted on (a worker its ssh cannot reach while Ray sees it)
         "age_s": age,  # seconds since the supervisor last wrote (master's clock)
         "fresh": running and age is not None and age <= SUPERVISION_STALE_S,
     }

@@ -220,6 +220,8 @@ def status(inventory: str | None, release: str | None, probe: bool, json_out: bo
                 + (f", last at {last.get('at')}: {sup.get('last_cause')}" if last else "")
                 + (f" ({last['seconds_to_serving']}s to SERVING)" if last.get("seconds_to_serving") else "")
             )
+            if sup.get("warning"):
+                con.print(f"[yellow]supervision warning:[/] {sup['warning']}")
         for label in ("version", "previous"):
             v = st.get(label)
             if v:

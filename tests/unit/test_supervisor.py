@@ -145,9 +145,29 @@ def test_health_must_fail_twice_in_a_row_and_unreachable_twice(env: dict[str, An
     assert "GET /health -> 503 (2 checks in a row)" in s.failure(rec)
     env["web"]["health"] = 200
     s.bad_health = 0
-    env["docker"].started["node2"] = None  # node2 rebooting: its ssh fails
+    env["docker"].started["node2"] = None  # node2 going down: its ssh fails, the engine stops answering
+    env["web"]["health"] = 503
     assert s.failure(rec) is None
-    assert "node2: container flagos not running or node unreachable" in s.failure(rec)
+    cause = s.failure(rec)
+    assert "node2: container flagos not running or node unreachable" in cause and "engine GET /health -> 503" in cause
+
+
+def test_a_worker_only_its_ssh_cannot_reach_is_a_warning_not_a_restart(env: dict[str, Any]) -> None:
+    """The master container's key removed from node2 (a rebuilt worker host): Ray still sees
+    node2 and the engine answers, so restarting would kill a serving group whose launch needs
+    that very ssh. It warns, and acts as soon as the group really loses the node."""
+    s, d, web = env["sup"], env["docker"], env["web"]
+    rec = json.loads(env["state"].read_text())
+    d.started["node2"] = None
+    assert [s.failure(rec) for _ in range(4)] == [None] * 4
+    assert "node2: container flagos not running or node unreachable" in s.warning
+    assert "not restarting" in s.warning
+    web["ray_alive"] = 1  # now Ray lost it too
+    cause = s.failure(rec)
+    assert cause and "node2: container flagos not running" in cause and "Ray sees 1/2 nodes alive" in cause
+    web["ray_alive"] = 2
+    d.started["node2"] = T0  # ssh back
+    assert s.failure(rec) is None and s.warning is None
 
 
 def test_a_failure_restarts_the_group_records_it_and_serves_again(env: dict[str, Any],

@@ -197,6 +197,7 @@ class Supervisor:
         self.status: dict = read_json(spec["status_file"]) or {}
         self.bad_health = 0
         self.unreachable: dict[str, int] = {}
+        self.warning: str | None = None  # what it sees but does not act on (status shows it)
 
     # ---------------------------------------------------------------- reads
 
@@ -284,11 +285,12 @@ class Supervisor:
         """The cause when the armed service is broken, else None."""
         want = rec.get("containers_started_at") or {}
         now = self.started_at()
+        lost = []
         for host, t in now.items():
             if t is None:
                 self.unreachable[host] = self.unreachable.get(host, 0) + 1
                 if self.unreachable[host] >= 2:
-                    return f"{host}: container {self.ctr} not running or node unreachable"
+                    lost.append(host)
                 continue
             self.unreachable[host] = 0
             if want.get(host) and t != want[host]:
@@ -297,9 +299,20 @@ class Supervisor:
         if not self.pid_alive(rec):
             return f"{self.spec['master']}: serve process {rec.get('pid')} exited"
         ray = self.ray_problems(rec)
+        ok, why = self.healthy_api()
+        if lost:
+            what = f"{', '.join(lost)}: container {self.ctr} not running or node unreachable"
+            if ray or not ok:  # the group really lost it
+                return "; ".join([what, *ray] + ([] if ok else [f"engine {why}"]))
+            # only this script's ssh to it fails (its key removed, sshd down) while Ray sees
+            # every node and the engine answers: a restart would kill a serving group and its
+            # launch would need that very ssh. Say so; judge again next poll.
+            self.warning = (f"{what} from {self.spec['master']}'s container, but Ray sees every node "
+                            f"alive and the engine answers: not restarting")
+            return None
+        self.warning = None
         if ray:
             return "; ".join(ray)
-        ok, why = self.healthy_api()
         self.bad_health = 0 if ok else self.bad_health + 1
         if self.bad_health >= int(self.spec.get("health_failures", 2)):
             return f"{self.spec['master']}: engine {why} ({self.bad_health} checks in a row)"
@@ -458,7 +471,7 @@ class Supervisor:
             else:
                 cause = self.failure(rec)
             if cause is None:
-                self.save()
+                self.save(warning=self.warning)
                 time.sleep(poll)
                 continue
             # ---- a failure: count, collect, back off, restart the group
