@@ -68,6 +68,16 @@ class Lab:
         assert done.returncode == 0, f"{node.hostname}$ {command}\n{done.stdout}{done.stderr}"
         return done.stdout
 
+    def kill_stage_workers(self, node: Node) -> list[int]:
+        """kill -9 the pipeline stage's Ray worker processes in ``node``'s FlagOS container
+        (ray titles them ray::RayWorker...); the pids killed."""
+        find = ('for p in /proc/[0-9]*; do c=$(tr "\\0" " " < $p/cmdline 2>/dev/null); '
+                'case "$c" in "ray::RayWorker"*) echo ${p#/proc/};; esac; done; true')
+        pids = [int(p) for p in self.ssh(node, f"docker exec flagos sh -c {shlex.quote(find)}").split()]
+        assert pids, f"no Ray engine worker in {node.hostname}'s container"
+        self.ssh(node, "docker exec flagos kill -9 " + " ".join(map(str, pids)))
+        return pids
+
     def pull(self, node: Node, ref: str, timeout: float = 600) -> str:
         """``docker pull ref`` on ``node`` with the lab registry's login, as the image role
         pulls: a throwaway DOCKER_CONFIG, the password on stdin, the directory removed after."""

@@ -409,11 +409,7 @@ def test_deploy_during_an_unattended_recovery_takes_it_over(serving: Lab) -> Non
     poll(lock_free, 600, 1, "the lock to be free")
     if status()["supervision"].get("state") != "WATCHING":
         back_unattended(-1)
-    find = ('for p in /proc/[0-9]*; do c=$(tr "\\0" " " < $p/cmdline 2>/dev/null); '
-            'case "$c" in "ray::RayWorker"*) echo ${p#/proc/};; esac; done; true')
-    pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(find)}").split()
-    assert pids, "no Ray engine worker in node2's container"
-    serving.ssh(NODE2, "docker exec flagos kill -9 " + " ".join(str(int(p)) for p in pids))
+    serving.kill_stage_workers(NODE2)
     poll(lambda: status()["supervision"].get("state") == "RECOVERING", 60, 0.5, "the supervisor to recover")
     rc, out, err, took = fo("deploy", "ernie45", "-i", INV, "--json")
     assert rc == 0, err[-3000:]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -35,9 +34,6 @@ INV = str(REPO / "inventories" / "lab.yaml")
 NODE1, NODE2 = NODES
 DETECT_S = 5.0
 BACK_S = 300.0
-# the pipeline stage's Ray worker process in node2's container (ray sets its title to ray::<Actor>...)
-FIND_WORKER = ('for p in /proc/[0-9]*; do c=$(tr "\\0" " " < $p/cmdline 2>/dev/null); '
-               'case "$c" in "ray::RayWorker"*) echo ${p#/proc/};; esac; done; true')
 
 
 def fo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -144,9 +140,7 @@ def host_docker(*args: str, timeout: float = 180) -> None:
 
 def test_killed_stage_worker_on_node2_recovers_unattended(serving: Lab) -> None:
     before = status()
-    pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(FIND_WORKER)}").split()
-    assert pids, "no Ray engine worker in node2's container"
-    serving.ssh(NODE2, "docker exec flagos kill -9 " + " ".join(str(int(p)) for p in pids))
+    serving.kill_stage_workers(NODE2)
     unattended("worker_killed", "node2", before, time.monotonic(), named_within=15)
 
 
@@ -178,9 +172,7 @@ def test_supervisor_restarted_mid_recovery_restarts_the_group_once(serving: Lab,
     recovers a killed stage worker: before its launch the attempt is no restart; after it, the
     supervisor judges its own start. Either way the group restarts once and serves again."""
     n0 = int((status().get("supervision") or {}).get("restart_count") or 0)
-    pids = serving.ssh(NODE2, f"docker exec flagos sh -c {shlex.quote(FIND_WORKER)}").split()
-    assert pids, "no Ray engine worker in node2's container"
-    serving.ssh(NODE2, "docker exec flagos kill -9 " + " ".join(str(int(p)) for p in pids))
+    serving.kill_stage_workers(NODE2)
     t0 = time.monotonic()
     while True:
         sup = status().get("supervision") or {}
